@@ -1,0 +1,21 @@
+"""sparsebert: sparse pre-trained language models.
+
+Fused pruning ops (C++ for CPU, CUDA for GPU) registered as ``torch.ops.sparsebert.*``,
+and the pruning pipelines built on them.
+"""
+import pkgutil
+
+import torch
+
+# A source checkout on sys.path (running from the repository root) shadows the
+# installed package; extending __path__ lets it still find the compiled _C there.
+__path__ = pkgutil.extend_path(__path__, __name__)
+
+from . import _C  # noqa: E402  (registers torch.ops.sparsebert.*)
+
+__version__ = "0.1.0"
+
+#: Backends the compiled extension was built with, e.g. ("cpu",) or ("cpu", "cuda").
+backends: tuple[str, ...] = ("cpu", "cuda") if _C.with_cuda else ("cpu",)
+
+from . import ops  # noqa: E402,F401

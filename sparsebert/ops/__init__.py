@@ -1,0 +1,5 @@
+"""Python front of the compiled ops: typed wrappers, fake kernels and autograd.
+
+Everything here calls ``torch.ops.sparsebert.*``; see csrc/registration.cpp for the schemas.
+"""
+from .mask import mask_nnz, pack_mask, unpack_mask

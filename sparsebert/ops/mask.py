@@ -1,0 +1,38 @@
+"""Bit-packed masks: the one mask format every sparsebert op takes.
+
+A mask for a tensor of shape ``[*lead, cols]`` is a uint8 tensor of shape
+``[*lead, ceil(cols / 8)]``; bit ``j % 8`` of byte ``j // 8`` in a row is element ``j``.
+Padding bits are zero.
+"""
+import torch
+
+_BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean (or 0/1) tensor into the bit-packed uint8 layout."""
+    if mask.dim() == 0:
+        raise ValueError("pack_mask: the mask must have at least one dimension")
+    cols = mask.shape[-1]
+    pad = (-cols) % 8
+    bits = mask.to(torch.bool)
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    bits = bits.reshape(*mask.shape[:-1], (cols + pad) // 8, 8).to(torch.uint8)
+    return (bits * _BIT_WEIGHTS.to(mask.device)).sum(-1, dtype=torch.uint8).contiguous()
+
+
+def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Unpack a bit-packed mask to a bool tensor whose last dimension is ``cols``."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_mask: expected a uint8 packed mask, got {packed.dtype}")
+    if packed.shape[-1] != (cols + 7) // 8:
+        raise ValueError(f"unpack_mask: a row of {cols} elements packs into {(cols + 7) // 8} bytes, got {packed.shape[-1]}")
+    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
+    return bits.reshape(*packed.shape[:-1], -1)[..., :cols]
+
+
+def mask_nnz(packed: torch.Tensor) -> int:
+    """Number of kept elements in a packed mask."""
+    return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
