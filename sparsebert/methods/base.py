@@ -1,0 +1,118 @@
+"""The contract between a pruning method and the trainer (see docs/ARCHITECTURE.md).
+
+The trainer owns data, the loop, evaluation, checkpoints and the report; a method owns what is
+pruned, how, and the loss. Methods register by name and are built from a recipe's `method:` fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OBJECTIVES = ("classification", "regression", "mlm", "representation")
+
+
+@dataclasses.dataclass
+class MethodContext:
+    student: nn.Module
+    teacher: nn.Module | None
+    pretrained: nn.Module | None
+    objective: str
+    num_labels: int
+    total_steps: int
+    steps_per_epoch: int
+    train_size: int
+    device: torch.device
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **config: Any) -> "Method":
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**config)
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of a batch that a transformers model's forward takes."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def task_loss(logits: torch.Tensor, batch: dict, objective: str) -> torch.Tensor:
+    """The supervised loss of an objective: cross-entropy, MSE, or masked-LM cross-entropy."""
+    if objective == "classification":
+        return F.cross_entropy(logits, batch["labels"])
+    if objective == "regression":
+        return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
+    if objective == "mlm":
+        return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
+    raise ValueError(f"objective {objective!r} has no supervised task loss")
+
+
+class Method:
+    """Base method: dense training with the task loss, AdamW, linear warm-up then linear decay."""
+
+    name: ClassVar[str]
+
+    def __init__(self, warmup_ratio: float = 0.1):
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.warmup_ratio = warmup_ratio
+        self.ctx: MethodContext | None = None
+
+    def setup(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self._param_groups(weight_decay), lr=lr)
+
+    def _param_groups(self, weight_decay: float) -> list[dict]:
+        """BERT convention: no weight decay on biases and LayerNorm weights."""
+        decay, no_decay = [], []
+        for name, param in self.ctx.student.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.dim() < 2 else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def lr_at(self, step: int, base_lr: float) -> float:
+        return base_lr * linear_warmup_decay(step, self.ctx.total_steps, self.warmup_ratio)
+
+    def training_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        outputs = self.ctx.student(**model_inputs(batch))
+        loss = task_loss(outputs.logits, batch, self.ctx.objective)
+        return loss, {"task": loss.item()}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
+
+def linear_warmup_decay(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """LR multiplier: 0 -> 1 over the warm-up, then 1 -> 0 at total_steps."""
+    warmup = int(warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
