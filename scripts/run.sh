@@ -1,7 +1,0 @@
-#!/usr/bin/env bash
-# Set up a fresh machine (Python 3.11, nothing installed) and run the embedded default pipeline.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0 scikit-build-core ninja
-python -m pip install -q --no-build-isolation .
-python -m sparsebert.train "$@"
