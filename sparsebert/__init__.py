@@ -19,3 +19,12 @@ __version__ = "0.1.0"
 backends: tuple[str, ...] = ("cpu", "cuda") if _C.with_cuda else ("cpu",)
 
 from . import ops  # noqa: E402,F401
+
+
+def __getattr__(name: str):
+    # sparsebert.sparsify without importing transformers/safetensors on every `import sparsebert`.
+    if name == "sparsify":
+        from .sparsity import sparsify
+
+        return sparsify
+    raise AttributeError(f"module 'sparsebert' has no attribute {name!r}")

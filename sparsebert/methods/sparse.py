@@ -1,0 +1,227 @@
+"""SparseMethod: what every pruning method shares. A method is a table of defaults (its papers'
+recipe) over these knobs; every knob can be overridden from the recipe's `method:` section.
+
+Steps: the trainer calls training_loss(batch, step), optimizer.step(), after_step(step) with the same
+0-based step; pruning schedules count t = step + 1 completed steps (t = 0 is the event in setup()).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+
+from ..distill.contrastive import ContrastiveConfig, ContrastiveModule
+from ..distill.kd import DistillConfig, distill_loss
+from ..sparsity import schedules as sched
+from ..sparsity.criteria import soft_movement_penalty
+from ..sparsity.pruner import Pruner, lock
+from ..sparsity.quant import enable_qat
+from ..sparsity.sparsify import ENCODER_LINEARS, sparsify
+from .base import Method, linear_warmup_decay, model_inputs
+
+MOVEMENT = ("movement", "soft-movement")
+
+COMMON: dict[str, Any] = {
+    "warmup_ratio": 0.1,
+    "sparsity": 0.9,  # final sparsity of the pruned set
+    "targets": [ENCODER_LINEARS],  # regexes of the nn.Linear modules to prune
+    "criterion": "magnitude",  # CRITERIA: magnitude | movement | soft-movement
+    "pattern": "tensor",  # PATTERNS: global | tensor | row | nm | block | structured
+    "pattern_kwargs": {},
+    "schedule": "cubic",  # cubic | one-shot | sanh | lock | none
+    "initial_sparsity": 0.0,
+    "begin_frac": 0.0,  # cubic: pruning window as fractions of the run, and the number of events
+    "end_frac": 0.5,
+    "events": 100,
+    "warmup_frac": 0.1,  # sanh: steps at the initial value, then at the final value, as fractions
+    "cooldown_frac": 0.2,
+    "frequency": 1,  # sanh: steps between mask updates
+    "threshold_initial": 0.0,  # soft movement: threshold on sigmoid(S) and L1 penalty weight
+    "threshold_final": 0.1,
+    "soft_lambda": 10.0,
+    "score_lr": 1e-2,  # movement scores' learning rate (Sanh et al.), as an absolute LR at the peak
+    "lr_rewind": False,
+    "quantize": False,
+    "quant_bits": 8,
+    "distill": {"task": 1.0},  # DistillConfig fields
+    "contrastive": None,  # ContrastiveConfig fields, or None
+    "compact": None,  # compact optimizer state; None: when the mask is locked for the whole run
+}
+
+
+class SparseMethod(Method):
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **config):
+        known = {**COMMON, **self.defaults}
+        unknown = set(config) - set(known)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown options {sorted(unknown)}; known: {sorted(known)}")
+        self.config = copy.deepcopy({**known, **config})
+        super().__init__(warmup_ratio=self.config["warmup_ratio"])
+        c = self.config
+        if not 0.0 <= c["sparsity"] < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {c['sparsity']}")
+        self.distill = DistillConfig(**c["distill"])
+        self.contrastive_config = ContrastiveConfig(**c["contrastive"]) if c["contrastive"] else None
+        self.pruner: Pruner | None = None
+        self.contrastive: ContrastiveModule | None = None
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        c = self.config
+        if (self.distill.needs_teacher or (self.contrastive_config and self.contrastive_config.finetuned)) and ctx.teacher is None:
+            raise ValueError(f"method {self.name!r} distils from a teacher: the context has none")
+        if self.contrastive_config and self.contrastive_config.pretrained and ctx.pretrained is None:
+            raise ValueError(f"method {self.name!r}: PrC needs the pre-trained model in the context")
+        if self.distill.attention:
+            for model in (ctx.student, ctx.teacher):
+                _eager_attention(model)
+        modules = sparsify(ctx.student, {"include": c["targets"], "scores": c["criterion"] in MOVEMENT})
+        pattern_kwargs = dict(c["pattern_kwargs"])
+        if c["pattern"] == "structured":
+            pattern_kwargs.setdefault("num_heads", ctx.student.config.num_attention_heads)
+        self.locked = c["schedule"] == "lock"
+        if self.locked:
+            self.pruner = lock(modules)
+        else:
+            schedule = self._schedule(ctx.total_steps)
+            self.pruner = Pruner(modules, c["criterion"], c["pattern"], schedule, pattern_kwargs=pattern_kwargs,
+                                 zero_weights=c["criterion"] not in MOVEMENT)
+            self.pruner.step(0)
+            self.locked = c["schedule"] == "one-shot" and schedule.at == 0
+        if c["criterion"] == "soft-movement":
+            # Soft movement's sparsity is whatever the penalty gives; one last top-k event makes it exact.
+            self.exact_pruner = Pruner(modules, "movement", c["pattern"], None, pattern_kwargs=pattern_kwargs, zero_weights=False)
+        if c["quantize"]:
+            enable_qat(modules, c["quant_bits"])
+        if self.contrastive_config:
+            self.contrastive = ContrastiveModule(self.contrastive_config, ctx.student.config.hidden_size, ctx.train_size, ctx.device)
+            self.snapshot_every = max(1, ctx.total_steps // (self.contrastive_config.max_snapshots + 1))
+
+    def _schedule(self, total: int):
+        c = self.config
+        kind = c["schedule"]
+        if kind == "one-shot":
+            return sched.OneShot(c["sparsity"], 0)
+        if kind == "cubic":
+            return sched.Cubic.over(c["initial_sparsity"], c["sparsity"], total, c["begin_frac"], c["end_frac"], c["events"])
+        if kind == "sanh":
+            if c["criterion"] == "soft-movement":
+                return sched.SanhThreshold.over(c["threshold_initial"], c["threshold_final"], total, c["warmup_frac"], c["cooldown_frac"], c["frequency"])
+            return sched.SanhThreshold.over(c["initial_sparsity"], c["sparsity"], total, c["warmup_frac"], c["cooldown_frac"], c["frequency"])
+        if kind == "none":
+            return None
+        raise ValueError(f"unknown schedule {kind!r}; expected cubic, one-shot, sanh, lock or none")
+
+    @property
+    def pruning_end(self) -> int:
+        schedule = self.pruner.schedule
+        return getattr(schedule, "end", 0) if schedule is not None else 0
+
+    # --- optimizer and LR ----------------------------------------------------------------------------
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        from ..optim import MaskedAdamW
+
+        c = self.config
+        movement = c["criterion"] in MOVEMENT
+        decay, no_decay, scores = [], [], []
+        for name, param in self.ctx.student.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.endswith(".scores"):
+                scores.append(param)
+            else:
+                (no_decay if param.dim() < 2 else decay).append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        if scores:
+            # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5): a per-group scale of the schedule.
+            groups.append({"params": scores, "weight_decay": 0.0, "lr_scale": c["score_lr"] / lr})
+        for group in groups:
+            group["lr"] = lr * group["lr_scale"]
+        # Movement keeps pruned weights (a revived weight resumes where it was), so its weights get no
+        # optimizer mask: their gradient is already G * M. Everyone else keeps pruned weights at 0.
+        masks = {} if movement else {m.weight: m.mask for m in self.pruner.modules}
+        compact = self.locked if c["compact"] is None else c["compact"]
+        return MaskedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, masks=masks, compact=compact)
+
+    def lr_at(self, step: int, base_lr: float) -> float:
+        if self.config["lr_rewind"]:
+            end = self.pruning_end
+            return base_lr * sched.LRRewind(self.ctx.total_steps, end, int(self.warmup_ratio * (end or self.ctx.total_steps))).multiplier(step)
+        return base_lr * linear_warmup_decay(step, self.ctx.total_steps, self.warmup_ratio)
+
+    # --- loss ----------------------------------------------------------------------------------------
+    def _forward(self, model, batch, hidden: bool, attentions: bool):
+        return model(**model_inputs(batch), output_hidden_states=hidden, output_attentions=attentions)
+
+    def training_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, d = self.ctx, self.distill
+        want_cls = self.contrastive is not None
+        hidden, attentions = bool(d.hidden) or want_cls, bool(d.attention)
+        student_out = self._forward(ctx.student, batch, hidden, attentions)
+        teacher_out = None
+        if d.needs_teacher or (want_cls and self.contrastive_config.finetuned):
+            with torch.no_grad():
+                teacher_out = self._forward(ctx.teacher, batch, hidden, attentions)
+        loss, logs = distill_loss(d, student_out, teacher_out, batch, ctx.objective)
+        if self.config["criterion"] == "soft-movement" and not self.pruner.finalized:
+            value = self.pruner.schedule.value_at(step)
+            final = self.config["threshold_final"] or 1.0
+            penalty = soft_movement_penalty(self.pruner.modules)
+            # Sanh et al. ramp the penalty with the threshold schedule.
+            loss = loss + self.config["soft_lambda"] * value / final * penalty
+            logs["l1_scores"] = penalty.item()
+        if want_cls:
+            pretrained_z = None
+            if self.contrastive_config.pretrained:
+                with torch.no_grad():
+                    pretrained_z = _cls(self._forward(ctx.pretrained, batch, True, False))
+            labels = batch.get("labels") if ctx.objective == "classification" else None
+            extra, extra_logs = self.contrastive.loss(_cls(student_out), batch["index"], labels, pretrained_z,
+                                                      _cls(teacher_out) if teacher_out is not None else None)
+            loss = loss + extra
+            logs.update(extra_logs)
+        return loss, logs
+
+    # --- pruning events ------------------------------------------------------------------------------
+    def after_step(self, step: int) -> dict[str, float]:
+        t = step + 1
+        stats = {} if self.locked else self.pruner.step(t)
+        if self.contrastive is not None and t % self.snapshot_every == 0:
+            self.contrastive.new_snapshot()
+        if t >= self.ctx.total_steps and self.config["criterion"] in MOVEMENT and not self.pruner.finalized:
+            if self.config["criterion"] == "soft-movement":
+                stats = self.exact_pruner.prune(self.config["sparsity"])
+            self.pruner.finalize()
+        return stats
+
+    def state_dict(self) -> dict:
+        state = {f"pruner.{k}": v for k, v in self.pruner.state_dict().items()}
+        if self.contrastive is not None:
+            state.update({f"contrastive.{k}": v for k, v in self.contrastive.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pruner.load_state_dict({k[len("pruner."):]: v for k, v in state.items() if k.startswith("pruner.")})
+        if self.contrastive is not None:
+            self.contrastive.load_state_dict({k[len("contrastive."):]: v for k, v in state.items() if k.startswith("contrastive.")})
+
+
+def _cls(outputs) -> torch.Tensor:
+    """Sentence representation: [CLS] of the last layer."""
+    hidden = outputs.hidden_states[-1] if getattr(outputs, "hidden_states", None) else outputs.last_hidden_state
+    return hidden[:, 0]
+
+
+def _eager_attention(model) -> None:
+    """Attention probabilities are only returned by the eager attention implementation."""
+    if model is None:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        model.config._attn_implementation = "eager"

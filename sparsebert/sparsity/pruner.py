@@ -1,0 +1,103 @@
+"""The pruner: criterion + pattern + schedule over a set of MaskedLinear modules."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .criteria import Importance
+from .modules import MaskedLinear
+from .registry import CRITERIA, PATTERNS
+
+
+class Pruner:
+    """Applies pruning events. Masks are written in place (optimizers hold them by reference).
+
+    zero_weights: after an event, pruned weights are set to 0 and the module promises weight_is_masked
+    (magnitude pruning, lock). Movement keeps pruned weights so their scores can still move
+    (Sanh et al.); their products are masked out, and `finalize()` zeroes them at the end.
+    """
+
+    def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule, *,
+                 pattern_kwargs: dict | None = None, zero_weights: bool = True):
+        if not modules:
+            raise ValueError("Pruner needs at least one MaskedLinear module")
+        self.names = list(modules)
+        self.modules = list(modules.values())
+        self.criterion_name, self.pattern_name = criterion, pattern
+        self.criterion = CRITERIA.get(criterion)
+        self.pattern = PATTERNS.get(pattern)
+        self.schedule = schedule
+        self.pattern_kwargs = dict(pattern_kwargs or {})
+        self.zero_weights = zero_weights
+        self.last_event = -1
+        self.events = 0
+        self.sparsity = 0.0
+        self.finalized = False
+
+    @property
+    def numel(self) -> int:
+        return sum(m.weight.numel() for m in self.modules)
+
+    def nnz(self) -> int:
+        return sum(m.nnz() for m in self.modules)
+
+    def step(self, t: int) -> dict[str, float]:
+        """Call with t = completed optimizer steps (0 before training)."""
+        if self.schedule is None or not self.schedule.is_event(t):
+            return {}
+        stats = self.prune(self.schedule.value_at(t))
+        self.last_event = t
+        return stats
+
+    @torch.no_grad()
+    def prune(self, value: float) -> dict[str, float]:
+        """One event: value is the target sparsity, or the threshold for threshold criteria."""
+        imp: Importance = self.criterion(self.modules)
+        if imp.by_threshold:
+            masks = [ops.pack_mask((t.abs() if imp.use_abs else t) > value) for t in imp.tensors]
+            expected = None
+        else:
+            masks, expected = self.pattern(imp, value, names=self.names, **self.pattern_kwargs)
+        for module, mask in zip(self.modules, masks):
+            module.mask.copy_(mask)
+            if self.zero_weights:
+                self._zero(module)
+        nnz = self.nnz()
+        if expected is not None and nnz != expected:
+            raise RuntimeError(f"pruning event kept {nnz} weights, the {self.pattern_name} pattern promised {expected}")
+        self.events += 1
+        self.sparsity = 1.0 - nnz / self.numel
+        return {"sparsity": self.sparsity, "target": float(value)}
+
+    @staticmethod
+    def _zero(module: MaskedLinear) -> None:
+        module.weight.data.mul_(module.dense_mask().to(module.weight.dtype))
+        module.weight_is_masked = True
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Zero pruned weights for good and stop training the scores (end of movement pruning)."""
+        for module in self.modules:
+            self._zero(module)
+            if module.scores is not None:
+                module.scores.requires_grad_(False)
+        self.finalized = True
+
+    def state_dict(self) -> dict:
+        # Masks and scores live in the model's state_dict; this is the event bookkeeping.
+        return {"last_event": self.last_event, "events": self.events, "sparsity": self.sparsity, "finalized": int(self.finalized)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_event, self.events, self.sparsity = int(state["last_event"]), int(state["events"]), float(state["sparsity"])
+        if bool(state.get("finalized", 0)):
+            self.finalize()
+        elif self.zero_weights and self.events:
+            for module in self.modules:
+                module.weight_is_masked = True
+
+
+def lock(modules: dict[str, MaskedLinear]) -> Pruner:
+    """Pattern lock: mask = (weight != 0), fixed from now on (Prune OFA downstream, one-shot fine-tuning)."""
+    pruner = Pruner(modules, "nonzero", "global", None)
+    pruner.prune(0.0)
+    return pruner
