@@ -29,9 +29,10 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [i * teacher_layers // student_layers for i in range(student_layers + 1)]
 
 
-def _token_weights(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _token_weights(attention_mask: torch.Tensor | None, like: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """[batch, length]: 1 for real tokens, 0 for padding."""
     if attention_mask is None:
-        return torch.ones(like.shape[:2], dtype=like.dtype, device=like.device)
+        return torch.ones(batch, length, dtype=like.dtype, device=like.device)
     return attention_mask.to(like.dtype)
 
 
@@ -43,7 +44,7 @@ def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, .
         hs, ht = student[i], teacher[j].detach()
         if hs.shape[-1] != ht.shape[-1]:
             raise ValueError(f"hidden MSE needs equal widths, got student {hs.shape[-1]} vs teacher {ht.shape[-1]}")
-        w = _token_weights(attention_mask, hs)
+        w = _token_weights(attention_mask, hs, hs.shape[0], hs.shape[1])
         losses.append((((hs - ht) ** 2).mean(-1) * w).sum() / w.sum())
     return torch.stack(losses).mean()
 
@@ -55,7 +56,7 @@ def attention_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor
     losses = []
     for i, j in enumerate(mapping[1:]):
         a_s, a_t = student[i], teacher[j - 1].detach()
-        w = _token_weights(attention_mask, a_s)[:, None, :]
+        w = _token_weights(attention_mask, a_s, a_s.shape[0], a_s.shape[2])[:, None, :]
         losses.append((((a_s - a_t) ** 2).mean(-1) * w).sum() / (w.sum() * a_s.shape[1]))
     return torch.stack(losses).mean()
 

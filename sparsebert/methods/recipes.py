@@ -11,9 +11,13 @@ MODEL_ROLES = {"student", "teacher", "pretrained"}
 
 
 def recipes_dir() -> pathlib.Path:
-    """$SPARSEBERT_RECIPES, else recipes/ beside the package (source checkout or editable install)."""
+    """$SPARSEBERT_RECIPES, else recipes/ beside the package (source checkout, editable install), else
+    ./recipes (a wheel installed from a checkout, run from its root)."""
     env = os.environ.get("SPARSEBERT_RECIPES")
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[2] / "recipes"
+    if env:
+        return pathlib.Path(env)
+    beside = pathlib.Path(__file__).resolve().parents[2] / "recipes"
+    return beside if beside.is_dir() else pathlib.Path.cwd() / "recipes"
 
 
 def load_recipe(method: str, stage: str, *, root: str | os.PathLike | None = None) -> dict:
