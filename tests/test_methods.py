@@ -1,0 +1,177 @@
+"""Every method through the trainer contract on a tiny BERT: exact sparsity, zeros stay zero, seeded
+runs give identical masks, state for resume, recipes."""
+import math
+
+import pytest
+import torch
+from tinybert import batch, classifier, context, encoder, train
+from transformers import BertForMaskedLM
+
+from sparsebert.methods import METHODS, get_method, load_recipe
+from sparsebert.methods.baselines import small_dense
+from sparsebert.sparsity import masked_modules, sparsity_report
+
+STEPS = 10
+
+CASES = {
+    "oneshot-magnitude": ("oneshot-magnitude", {}),
+    "gradual-magnitude": ("gradual-magnitude", {}),
+    "gradual-magnitude-nm": ("gradual-magnitude", {"pattern": "nm", "sparsity": 0.5, "pattern_kwargs": {"n": 2, "m": 4}}),
+    "sparsebert-kap": ("sparsebert-kap", {}),
+    "cap-movement": ("cap", {}),
+    "cap-soft": ("cap", {"criterion": "soft-movement"}),
+    "cap-structured": ("cap", {"pattern": "structured", "sparsity": 0.5}),
+    "cap-magnitude-global": ("cap", {"criterion": "magnitude", "pattern": "global", "schedule": "cubic"}),
+    "prune-ofa-downstream": ("prune-ofa", {"stage": "downstream"}),
+    "prune-ofa-downstream-qat": ("prune-ofa", {"stage": "downstream", "quantize": True}),
+}
+
+
+def expected_kept(mods, sparsity, pattern="tensor"):
+    if pattern == "global":
+        n = sum(m.weight.numel() for m in mods.values())
+        return n - math.floor(sparsity * n)
+    return sum(m.weight.numel() - math.floor(sparsity * m.weight.numel()) for m in mods.values())
+
+
+def presparse(model, sparsity=0.8):
+    """A 'sparse pre-trained' student for the downstream stage of Prune OFA."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layer." in name:
+            m.weight.data[m.weight.abs() < m.weight.abs().flatten().kthvalue(int(sparsity * m.weight.numel())).values] = 0
+    return model
+
+
+def run(case, seed=0, check=None):
+    name, kw = CASES[case]
+    student = classifier(seed)
+    if name == "prune-ofa":
+        presparse(student)
+    teacher = classifier(seed + 1).eval()
+    pretrained = encoder(seed)
+    method = get_method(name, **kw)
+    torch.manual_seed(seed)
+    logs = train(method, context(student, teacher, pretrained, total_steps=STEPS), STEPS, check=check)
+    return method, student, logs
+
+
+def zeros_stay_zero(method, step):
+    for name, m in masked_modules(method.ctx.student).items():
+        pruned = ~m.dense_mask()
+        if m.scores is None or method.pruner.finalized:
+            assert not (m.weight[pruned] != 0).any(), f"{name}: pruned weights moved at step {step}"
+        if m.quantizer is not None:
+            continue  # the output is fake-quantized; the weights check above covers it
+        x = torch.randn(2, m.in_features)
+        with torch.no_grad():  # pruned weights never reach the output
+            torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight * ~pruned, m.bias))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_method_reaches_exact_sparsity_and_keeps_zeros(case):
+    method, student, logs = run(case, check=zeros_stay_zero)
+    mods = masked_modules(student)
+    name, kw = CASES[case]
+    sparsity = kw.get("sparsity", 0.9)
+    report = sparsity_report(student)
+    if name == "prune-ofa":
+        assert report["pruned"]["sparsity"] == pytest.approx(0.8, abs=0.01)  # the pattern it came with
+    elif kw.get("pattern") == "structured":
+        heads = student.config.num_attention_heads * student.config.num_hidden_layers
+        assert report["pruned"]["nnz"] == method.pruner.nnz()
+        q = [m for n, m in mods.items() if n.endswith("query")]
+        kept_heads = sum(int(m.dense_mask().any(1).reshape(student.config.num_attention_heads, -1).any(1).sum()) for m in q)
+        assert kept_heads == heads - math.floor(sparsity * heads)
+    elif kw.get("pattern") == "nm":
+        assert report["pruned"]["sparsity"] == 0.5
+    else:
+        assert report["pruned"]["nnz"] == expected_kept(mods, sparsity, kw.get("pattern", "tensor"))
+    assert all(math.isfinite(v) for info in logs for v in info.values())
+    assert all(m.weight_is_masked for m in mods.values())
+
+
+@pytest.mark.parametrize("case", ["gradual-magnitude", "cap-movement", "cap-soft", "sparsebert-kap"])
+def test_seeded_runs_give_identical_masks(case):
+    a = masked_modules(run(case, seed=3)[1])
+    b = masked_modules(run(case, seed=3)[1])
+    assert all(torch.equal(a[n].mask, b[n].mask) for n in a)
+
+
+def test_every_cubic_event_is_exact():
+    def check(method, step):
+        t = step + 1
+        if method.pruner.schedule.is_event(t):
+            mods = masked_modules(method.ctx.student)
+            assert method.pruner.nnz() == expected_kept(mods, method.pruner.schedule.value_at(t))
+    run("gradual-magnitude", check=check)
+
+
+def test_state_dict_resumes_pruner_and_banks():
+    method, student, _ = run("cap-movement")
+    state = method.state_dict()
+    assert state["pruner.events"] > 0 and "contrastive.bank.pretrained.feats" in state
+    fresh = get_method("cap")
+    fresh.setup(context(classifier(), classifier(1).eval(), encoder(), total_steps=STEPS))
+    fresh.load_state_dict(state)
+    assert fresh.pruner.state_dict() == method.pruner.state_dict()
+    assert torch.equal(fresh.contrastive.banks["finetuned"].feats, method.contrastive.banks["finetuned"].feats)
+    assert fresh.pruner.finalized and not any(m.scores.requires_grad for m in fresh.pruner.modules)
+
+
+def test_prune_ofa_upstream_mlm_and_representation():
+    torch.manual_seed(0)
+    from tinybert import config
+    mlm = BertForMaskedLM(config())
+    method = get_method("prune-ofa", stage="upstream", events=5)
+    ctx = context(mlm, objective="mlm", total_steps=8)
+    method.setup(ctx)
+    opt = method.optimizer(1e-3, 0.01)
+    for step in range(8):
+        b = batch(step)
+        labels = torch.full_like(b["input_ids"], -100)
+        labels[:, 1] = b["input_ids"][:, 1]
+        b["labels"] = labels
+        loss, info = method.training_loss(b, step)
+        assert set(info) == {"task", "kd"}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step)
+    assert sparsity_report(mlm)["pruned"]["nnz"] == expected_kept(masked_modules(mlm), 0.9)
+    assert method.lr_at(4, 1.0) == pytest.approx(1.0)  # rewound when pruning ended (step 4 of 8)
+    rep = encoder()
+    method = get_method("prune-ofa", stage="upstream")
+    logs = train(method, context(rep, encoder(5).eval(), objective="representation", total_steps=6), 6, labels=False)
+    assert set(logs[-1]) >= {"hidden", "attention"}
+    assert sparsity_report(rep)["pruned"]["nnz"] == expected_kept(masked_modules(rep), 0.9)
+
+
+def test_small_dense_keeps_every_kth_layer():
+    model = classifier(num_hidden_layers=6)
+    keep_ids = [id(layer) for layer in model.bert.encoder.layer]
+    small_dense(model, num_layers=3)
+    assert [id(layer) for layer in model.bert.encoder.layer] == [keep_ids[1], keep_ids[3], keep_ids[5]]
+    assert model.config.num_hidden_layers == 3
+    method = get_method("small-dense", sparsity=0.5)
+    student = classifier(num_hidden_layers=6)
+    train(method, context(student), 3)
+    assert len(student.bert.encoder.layer) == 3
+
+
+def test_unknown_options_are_rejected():
+    with pytest.raises(ValueError, match="unknown options"):
+        get_method("cap", sparsity_target=0.9)
+    with pytest.raises(ValueError, match="teacher"):
+        get_method("sparsebert-kap").setup(context(classifier()))
+
+
+@pytest.mark.parametrize("method,stage", [("dense", "teacher"), ("prune-ofa", "upstream"), ("prune-ofa", "downstream"),
+                                          ("prune-ofa", "downstream-qat"), ("sparsebert-kap", "downstream"),
+                                          ("cap", "downstream"), ("cap", "structured"), ("oneshot-magnitude", "downstream"),
+                                          ("gradual-magnitude", "downstream"), ("small-dense", "downstream")])
+def test_recipes_load_and_build(method, stage):
+    recipe = load_recipe(method, stage)
+    assert recipe["method"]["name"] == method
+    assert {"epochs", "lr", "batch_size", "objective"} <= set(recipe["training"])
+    kwargs = {k: v for k, v in recipe["method"].items() if k != "name"}
+    assert type(get_method(method, **kwargs)) is METHODS[method]
