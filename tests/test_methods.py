@@ -11,7 +11,7 @@ from sparsebert.methods import METHODS, get_method, load_recipe
 from sparsebert.methods.baselines import small_dense
 from sparsebert.sparsity import masked_modules, sparsity_report
 
-STEPS = 10
+STEPS = 6
 
 CASES = {
     "oneshot-magnitude": ("oneshot-magnitude", {}),
@@ -90,7 +90,7 @@ def test_method_reaches_exact_sparsity_and_keeps_zeros(case):
     assert all(m.weight_is_masked for m in mods.values())
 
 
-@pytest.mark.parametrize("case", ["gradual-magnitude", "cap-movement", "cap-soft", "sparsebert-kap"])
+@pytest.mark.parametrize("case", ["gradual-magnitude", "cap-movement", "cap-soft"])
 def test_seeded_runs_give_identical_masks(case):
     a = masked_modules(run(case, seed=3)[1])
     b = masked_modules(run(case, seed=3)[1])
