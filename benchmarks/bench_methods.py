@@ -29,7 +29,9 @@ from sparsebert.methods import MethodContext, get_method, load_recipe  # noqa: E
 from sparsebert.sparsity import sparsity_report  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the project; a git worktree one level deeper finds it one level up.
+DATA = next((d for d in (pathlib.Path(os.environ.get("SPARSEBERT_DATA", ROOT.parent / "shared" / "data")),
+                         ROOT.parents[1] / "shared" / "data") if d.is_dir()), ROOT.parent / "shared" / "data")
 METHODS = ["dense", "oneshot-magnitude", "gradual-magnitude", "small-dense", "sparsebert-kap", "cap", "prune-ofa"]
 STAGE = {"dense": "teacher", "prune-ofa": "downstream", "cap": "downstream"}
 

@@ -79,7 +79,7 @@ class SparseMethod(Method):
         if self.distill.attention:
             for model in (ctx.student, ctx.teacher):
                 _eager_attention(model)
-        modules = sparsify(ctx.student, {"include": c["targets"], "scores": c["criterion"] in MOVEMENT})
+        modules = sparsify(ctx.student, {"include": c["targets"] or [ENCODER_LINEARS], "scores": c["criterion"] in MOVEMENT})
         pattern_kwargs = dict(c["pattern_kwargs"])
         if c["pattern"] == "structured":
             pattern_kwargs.setdefault("num_heads", ctx.student.config.num_attention_heads)
