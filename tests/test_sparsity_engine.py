@@ -141,3 +141,23 @@ def test_save_pretrained_still_works(tmp_path):
     sparsify(model)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_other_bert_families(family):
+    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
+
+    torch.manual_seed(0)
+    if family == "distilbert":
+        model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                                     max_position_embeddings=32))
+    else:
+        model = RobertaForSequenceClassification(RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                               intermediate_size=64, max_position_embeddings=40))
+    mods = sparsify(model)
+    assert len(mods) == 12
+    Pruner(mods, "magnitude", "structured", None, pattern_kwargs={"num_heads": 4}).prune(0.5)
+    out = model(input_ids=torch.randint(3, 64, (2, 6)))
+    assert out.logits.shape == (2, 2)
+    assert sparsity_report(model)["pruned"]["sparsity"] == pytest.approx(0.5)

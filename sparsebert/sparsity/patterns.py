@@ -20,8 +20,8 @@ def _kept(n: int, sparsity: float) -> int:
 
 
 def _check(sparsity: float) -> None:
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
 @PATTERNS.register("global")
