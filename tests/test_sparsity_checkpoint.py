@@ -68,3 +68,25 @@ with torch.no_grad():
     assert out["sparsity"] == sparsity_report(model)["pruned"]["sparsity"]
     torch.testing.assert_close(torch.tensor(out["logits"]), expected, rtol=1e-5, atol=1e-5)
     assert not any(p.name.endswith("sparsebert.json") for p in tmp_path.iterdir())
+
+
+def test_quantized_and_tied_models_round_trip(tmp_path):
+    from tinybert import config
+    from transformers import BertForMaskedLM
+
+    from sparsebert.sparsity import enable_qat
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config())  # tied input/output embeddings
+    mods = sparsify(model)
+    Pruner(mods, "magnitude", "tensor", None).prune(0.5)
+    enable_qat(mods, bits=4)
+    model.train()
+    model(**inputs())  # calibrates the input ranges
+    model.eval()
+    save_sparse(model, tmp_path)
+    loaded = load_sparse(tmp_path)
+    assert next(iter(masked_modules(loaded).values())).quantizer.bits == 4
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).logits, model(**inputs()).logits)

@@ -12,7 +12,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .modules import MaskedLinear
-from .quant import enable_qat
+from .quant import enable_qat, fake_quantize
 from .report import sparsity_report
 from .sparsify import masked_modules, sparsify
 
@@ -35,7 +35,7 @@ def save_sparse(model: nn.Module, directory, *, metadata: dict | None = None) ->
         "format": FORMAT,
         "architecture": type(model).__name__,
         "sparsify": model.sparsebert_config,
-        "quantized": any(m.quantizer is not None for m in masked_modules(model).values()),
+        "quantized": next((m.quantizer.bits for m in masked_modules(model).values() if m.quantizer is not None), 0),
         "sparsity": {"pruned": report["pruned"], "all": report["all"]},
         **(metadata or {}),
     }
@@ -54,7 +54,7 @@ def load_sparse(directory, model_class: type[nn.Module] | None = None) -> nn.Mod
     model = cls(config)
     modules = sparsify(model, meta["sparsify"])
     if meta.get("quantized"):
-        enable_qat(modules)
+        enable_qat(modules, int(meta["quantized"]))
     missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=True)
     for module in modules.values():
         # The promise the forward relies on is a property of the tensors, so it is re-derived, not stored.
@@ -71,7 +71,7 @@ def export_dense(model: nn.Module, directory, *, tokenizer=None) -> pathlib.Path
     for name, module in masked_modules(plain).items():
         weight = module.effective_weight()
         if module.quantizer is not None:
-            weight = module.quantizer(torch.zeros(1, module.in_features, dtype=weight.dtype), weight)[1]
+            weight = fake_quantize(weight, weight.abs().max(), module.quantizer.bits)
         linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, dtype=weight.dtype, device=weight.device)
         linear.weight.copy_(weight)
         if module.bias is not None:
