@@ -92,7 +92,7 @@ def fit(method, student, teacher, pretrained, data, objective, *, epochs, lr, ba
     for _ in range(epochs):
         for batch in batches(data, batch_size, generator):
             for group in opt.param_groups:
-                group["lr"] = method.lr_at(step, lr) * group.get("lr_scale", 1.0)
+                group["lr"] = method.lr_at(step, lr)  # lr_scale (movement scores) is applied in the step
             loss, _ = method.training_loss(batch, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -175,3 +175,20 @@ def test_recipes_load_and_build(method, stage):
     assert {"epochs", "lr", "batch_size", "objective"} <= set(recipe["training"])
     kwargs = {k: v for k, v in recipe["method"].items() if k != "name"}
     assert type(get_method(method, **kwargs)) is METHODS[method]
+
+
+def test_scores_train_at_their_own_lr():
+    method = get_method("cap", score_lr=1e-2, contrastive=None, distill={"task": 1.0})
+    method.setup(context(classifier(), total_steps=100))
+    opt = method.optimizer(1e-5, 0.0)
+    for group in opt.param_groups:
+        group["lr"] = 1e-5  # what the trainer does
+    module = method.pruner.modules[0]
+    before_w, before_s = module.weight.detach().clone(), module.scores.detach().clone()
+    loss, _ = method.training_loss(batch(0), 0)
+    loss.backward()
+    opt.step()
+    # Adam's first step moves a parameter by at most its LR (about the LR where |grad| >> eps)
+    assert 5e-3 < (module.scores - before_s).abs().max().item() <= 1e-2 * (1 + 1e-5)
+    assert 5e-6 < (module.weight - before_w).abs().max().item() <= 1e-5 * (1 + 1e-5)
+    assert opt.param_groups[-1]["lr"] == 1e-5  # restored after the step

@@ -41,7 +41,7 @@ def run(method, student, teacher, pretrained, batch, objective="classification")
     opt = method.optimizer(5e-5, 0.01)
     for step in range(STEPS):
         for group in opt.param_groups:
-            group["lr"] = method.lr_at(step, 5e-5) * group.get("lr_scale", 1.0)
+            group["lr"] = method.lr_at(step, 5e-5)
         loss, logs = method.training_loss(batch, step)
         assert torch.isfinite(loss)
         opt.zero_grad()

@@ -51,7 +51,7 @@ def train(method, ctx, steps: int, lr: float = 1e-3, check=None, labels: bool = 
     logs = []
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = method.lr_at(step, lr) * group.get("lr_scale", 1.0)
+            group["lr"] = method.lr_at(step, lr)  # as the trainer does: lr_scale is applied in the step
         loss, info = method.training_loss(batch(step, train_size=ctx.train_size, labels=labels), step)
         opt.zero_grad()
         loss.backward()

@@ -123,8 +123,6 @@ class SparseMethod(Method):
 
     # --- optimizer and LR ----------------------------------------------------------------------------
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        from ..optim import MaskedAdamW
-
         c = self.config
         movement = c["criterion"] in MOVEMENT
         decay, no_decay, scores = [], [], []
@@ -140,13 +138,11 @@ class SparseMethod(Method):
         if scores:
             # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5): a per-group scale of the schedule.
             groups.append({"params": scores, "weight_decay": 0.0, "lr_scale": c["score_lr"] / lr})
-        for group in groups:
-            group["lr"] = lr * group["lr_scale"]
         # Movement keeps pruned weights (a revived weight resumes where it was), so its weights get no
         # optimizer mask: their gradient is already G * M. Everyone else keeps pruned weights at 0.
         masks = {} if movement else {m.weight: m.mask for m in self.pruner.modules}
         compact = self.locked if c["compact"] is None else c["compact"]
-        return MaskedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, masks=masks, compact=compact)
+        return _scaled_masked_adamw()(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, masks=masks, compact=compact)
 
     def lr_at(self, step: int, base_lr: float) -> float:
         if self.config["lr_rewind"]:
@@ -209,6 +205,31 @@ class SparseMethod(Method):
         self.pruner.load_state_dict({k[len("pruner."):]: v for k, v in state.items() if k.startswith("pruner.")})
         if self.contrastive is not None:
             self.contrastive.load_state_dict({k[len("contrastive."):]: v for k, v in state.items() if k.startswith("contrastive.")})
+
+
+_SCALED = None
+
+
+def _scaled_masked_adamw():
+    """MaskedAdamW whose step multiplies each group's LR by its `lr_scale`: the trainer sets every
+    group's LR to lr_at(step) (or a LambdaLR scales them), and the scores still get their own LR."""
+    global _SCALED
+    if _SCALED is None:
+        from ..optim import MaskedAdamW
+
+        class ScaledMaskedAdamW(MaskedAdamW):
+            def step(self, closure=None):
+                saved = [group["lr"] for group in self.param_groups]
+                for group in self.param_groups:
+                    group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+                try:
+                    return super().step(closure)
+                finally:
+                    for group, lr in zip(self.param_groups, saved):
+                        group["lr"] = lr
+
+        _SCALED = ScaledMaskedAdamW
+    return _SCALED
 
 
 def _cls(outputs) -> torch.Tensor:
