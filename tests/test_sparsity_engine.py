@@ -161,3 +161,13 @@ def test_other_bert_families(family):
     out = model(input_ids=torch.randint(3, 64, (2, 6)))
     assert out.logits.shape == (2, 2)
     assert sparsity_report(model)["pruned"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_autocast_casts_like_nn_linear():
+    model = classifier()
+    sparsify(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs())
+    assert out.logits.dtype == torch.bfloat16
+    out.logits.float().sum().backward()
+    assert next(iter(masked_modules(model).values())).weight.grad.dtype == torch.float32

@@ -47,12 +47,18 @@ class MaskedLinear(nn.Linear):
         return ops.mask_nnz(self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        weight, bias, scores = self.weight, self.bias, self.scores
+        if torch.is_autocast_enabled(x.device.type):
+            # Custom ops are not autocast: cast like nn.Linear would (the casts are differentiable).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            scores = scores.to(dtype) if scores is not None else None
         if self.quantizer is not None:
             x, weight = self.quantizer(x, weight)
-        if self.scores is not None and self.scores.requires_grad and torch.is_grad_enabled():
-            return ops.movement_linear(x, weight, self.scores, self.mask, self.bias)
-        return ops.masked_linear(x, weight, self.mask, self.bias, weight_is_masked=self.weight_is_masked)
+        if scores is not None and self.scores.requires_grad and torch.is_grad_enabled():
+            return ops.movement_linear(x, weight, scores, self.mask, bias)
+        return ops.masked_linear(x, weight, self.mask, bias, weight_is_masked=self.weight_is_masked)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, density={self.nnz() / self.weight.numel():.4f}, scores={self.scores is not None}"
