@@ -11,10 +11,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <functional>
 #include <limits>
 #include <mutex>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "topk.h"
 
@@ -22,7 +27,11 @@ namespace sparsebert::topk {
 namespace {
 
 constexpr int64_t kSegment = int64_t{1} << 16;  // elements per work item
+constexpr int64_t kGrain = 4;  // segments: smaller inputs run on the calling thread
 constexpr int kDigitBits = 16;
+// The one-histogram path buffers the undecided bucket's keys (12 bytes each) when it holds
+// at most 1/kCandidateFraction of the elements: under 1.2% of float32 weights' size.
+constexpr int64_t kCandidateFraction = 256;
 
 struct Seg {
   int tensor;
@@ -71,18 +80,45 @@ inline uint32_t key_of(scalar_t v, bool use_abs) {
   return bits_to_key(abs_bits(raw_bits(v), use_abs));
 }
 
-// Histogram of one segment into hist; returns whether a non-finite value was seen.
-template <typename scalar_t, bool kAllMatch>
+// Keys of p[0, n) into keys (a vectorizable loop); returns whether a value is NaN/Inf.
+template <typename scalar_t>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-bool histogram_segment(const scalar_t* p, int64_t n, bool use_abs, Digit d, int64_t* hist) {
+bool load_keys(const scalar_t* p, int64_t n, bool use_abs, uint32_t* keys) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = raw_bits(p[i]);
     bad |= bits_non_finite(bits);
-    const uint32_t key = bits_to_key(abs_bits(bits, use_abs));
-    if (kAllMatch || d.matches(key)) ++hist[d.bin(key)];
+    keys[i] = bits_to_key(abs_bits(bits, use_abs));
   }
   return bad != 0;
+}
+
+// Keys are converted a block at a time into a thread-local buffer that stays in L1, so the
+// conversion vectorizes and the consumers (histogram, packing) loop over plain uint32 keys.
+constexpr int64_t kBlock = 1024;  // a multiple of 8: blocks start on mask-byte boundaries
+
+// Calls fn(keys, n, row, col0) for the blocks of a segment; each block is part of one row.
+// Returns whether a value is NaN/Inf.
+template <typename scalar_t, typename Fn>
+bool visit_keys(const Plan& plan, const Seg& seg, bool use_abs, uint32_t* buffer, Fn&& fn) {
+  const int64_t cols = plan.cols(seg.tensor);
+  const scalar_t* x = plan.xs[seg.tensor].data_ptr<scalar_t>();
+  bool bad = false;
+  for (int64_t pos = seg.begin; pos < seg.end;) {
+    const int64_t row = pos / cols, col0 = pos - row * cols;
+    const int64_t n = std::min({kBlock, cols - col0, seg.end - pos});
+    bad |= load_keys(x + pos, n, use_abs, buffer);
+    fn(static_cast<const uint32_t*>(buffer), n, row, col0);
+    pos += n;
+  }
+  return bad;
+}
+
+template <bool kAllMatch>
+void histogram_block(const uint32_t* keys, int64_t n, Digit d, int64_t* hist) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (kAllMatch || d.matches(keys[i])) ++hist[d.bin(keys[i])];
+  }
 }
 
 // Summed histogram over all segments with per-thread histograms; fails on NaN/Inf.
@@ -92,14 +128,18 @@ at::Tensor histogram(const Plan& plan, bool use_abs, Digit d, int64_t bins, cons
   std::mutex merge;
   bool bad = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, plan.dtype, "topk_histogram", [&] {
-    at::parallel_for(0, static_cast<int64_t>(plan.segs.size()), 1, [&](int64_t sb, int64_t se) {
+    at::parallel_for(0, static_cast<int64_t>(plan.segs.size()), kGrain, [&](int64_t sb, int64_t se) {
       std::vector<int64_t> local(bins, 0);
+      uint32_t buffer[kBlock];
       bool local_bad = false;
       for (int64_t s = sb; s < se; ++s) {
-        const Seg& seg = plan.segs[s];
-        const scalar_t* p = plan.xs[seg.tensor].data_ptr<scalar_t>() + seg.begin;
-        local_bad |= d.prefix_mask == 0 ? histogram_segment<scalar_t, true>(p, seg.end - seg.begin, use_abs, d, local.data())
-                                        : histogram_segment<scalar_t, false>(p, seg.end - seg.begin, use_abs, d, local.data());
+        local_bad |= visit_keys<scalar_t>(plan, plan.segs[s], use_abs, buffer, [&](const uint32_t* keys, int64_t n, int64_t, int64_t) {
+          if (d.prefix_mask == 0) {
+            histogram_block<true>(keys, n, d, local.data());
+          } else {
+            histogram_block<false>(keys, n, d, local.data());
+          }
+        });
       }
       std::lock_guard<std::mutex> lock(merge);
       bad |= local_bad;
@@ -110,22 +150,14 @@ at::Tensor histogram(const Plan& plan, bool use_abs, Digit d, int64_t bins, cons
   return out;
 }
 
-template <typename scalar_t>
-__attribute__((target_clones("avx512f", "avx2", "default")))
-bool any_non_finite_segment(const scalar_t* p, int64_t n) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= bits_non_finite(raw_bits(p[i]));
-  return bad != 0;
-}
-
 // A read-only pass for the ops that do not histogram first, so that they fail before writing.
 void check_finite(const Plan& plan, const char* op) {
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, plan.dtype, "topk_check_finite", [&] {
-    at::parallel_for(0, static_cast<int64_t>(plan.segs.size()), 1, [&](int64_t sb, int64_t se) {
+    at::parallel_for(0, static_cast<int64_t>(plan.segs.size()), kGrain, [&](int64_t sb, int64_t se) {
+      uint32_t buffer[kBlock];
       for (int64_t s = sb; s < se && !bad.load(std::memory_order_relaxed); ++s) {
-        const Seg& seg = plan.segs[s];
-        if (any_non_finite_segment(plan.xs[seg.tensor].data_ptr<scalar_t>() + seg.begin, seg.end - seg.begin)) {
+        if (visit_keys<scalar_t>(plan, plan.segs[s], /*use_abs=*/false, buffer, [](const uint32_t*, int64_t, int64_t, int64_t) {})) {
           bad = true;
         }
       }
@@ -134,32 +166,51 @@ void check_finite(const Plan& plan, const char* op) {
   if (bad) fail_non_finite(op);
 }
 
-// Writes the bytes of mask row `row` covering columns [c0, c1) (c0 a multiple of 8) with
-// the keys > threshold; returns how many keys equal the threshold.
-template <typename scalar_t>
-__attribute__((target_clones("avx512f", "avx2", "default")))
-int64_t mask_row_piece(const scalar_t* x, int64_t c0, int64_t c1, bool use_abs, uint32_t threshold, uint8_t* out) {
+// Packs a byte-aligned run of keys into mask bytes: bit set where (key >> shift) > cut.
+// Returns how many keys have (key >> shift) == cut: exact ties for shift 0, the keys of the
+// undecided bucket for shift 16.
+int64_t pack_block_scalar(const uint32_t* keys, int64_t n, uint32_t shift, uint32_t cut, uint8_t* out) {
   int64_t ties = 0;
-  int64_t c = c0;
-  for (; c + 8 <= c1; c += 8) {
+  for (int64_t i = 0; i < n; i += 8) {
     uint32_t byte = 0;
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t key = key_of(x[c + j], use_abs);
-      byte |= static_cast<uint32_t>(key > threshold) << j;
-      ties += key == threshold;
+    for (int64_t j = 0; j < 8 && i + j < n; ++j) {
+      const uint32_t v = keys[i + j] >> shift;
+      byte |= static_cast<uint32_t>(v > cut) << j;
+      ties += v == cut;
     }
-    out[c / 8] = static_cast<uint8_t>(byte);
-  }
-  if (c < c1) {
-    uint32_t byte = 0;
-    for (int j = 0; c + j < c1; ++j) {
-      const uint32_t key = key_of(x[c + j], use_abs);
-      byte |= static_cast<uint32_t>(key > threshold) << j;
-      ties += key == threshold;
-    }
-    out[c / 8] = static_cast<uint8_t>(byte);
+    out[i / 8] = static_cast<uint8_t>(byte);
   }
   return ties;
+}
+
+#if defined(__x86_64__)
+// The compiler does not turn the bit packing into mask registers by itself: one unsigned
+// compare gives the 16 bits of two mask bytes directly.
+__attribute__((target("avx512f")))
+int64_t pack_block_avx512(const uint32_t* keys, int64_t n, uint32_t shift, uint32_t cut, uint8_t* out) {
+  const __m512i vcut = _mm512_set1_epi32(static_cast<int>(cut));
+  const __m128i vshift = _mm_cvtsi32_si128(static_cast<int>(shift));
+  int64_t ties = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i v = _mm512_srl_epi32(_mm512_loadu_si512(keys + i), vshift);
+    const uint16_t above = _mm512_cmpgt_epu32_mask(v, vcut);
+    ties += __builtin_popcount(_mm512_cmpeq_epu32_mask(v, vcut));
+    std::memcpy(out + i / 8, &above, sizeof(above));  // little endian: element i + j is bit j
+  }
+  return ties + pack_block_scalar(keys + i, n - i, shift, cut, out + i / 8);
+}
+#endif
+
+int64_t pack_block(const uint32_t* keys, int64_t n, uint32_t shift, uint32_t cut, uint8_t* out) {
+#if defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return pack_block_avx512(keys, n, shift, cut, out);
+#endif
+  return pack_block_scalar(keys, n, shift, cut, out);
+}
+
+uint8_t* mask_row(std::vector<at::Tensor>& masks, const Plan& plan, int tensor, int64_t row) {
+  return masks[tensor].data_ptr<uint8_t>() + row * packed_cols(plan.cols(tensor));
 }
 
 // Masks of keys > threshold_key plus the first ties_to_keep keys == threshold_key in flat order.
@@ -168,39 +219,32 @@ std::vector<at::Tensor> mask_from_threshold(const Plan& plan, bool use_abs, uint
   const int64_t nseg = static_cast<int64_t>(plan.segs.size());
   std::vector<int64_t> ties(nseg, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, plan.dtype, "topk_mask_pass", [&] {
-    // Visits the row pieces of a segment: fn(x_row, c0, c1, mask_row).
-    auto for_pieces = [&](const Seg& seg, auto&& fn) {
-      const int64_t cols = plan.cols(seg.tensor), pc = packed_cols(cols);
-      const scalar_t* x = plan.xs[seg.tensor].data_ptr<scalar_t>();
-      uint8_t* m = masks[seg.tensor].data_ptr<uint8_t>();
-      for (int64_t pos = seg.begin; pos < seg.end;) {
-        const int64_t row = pos / cols, c0 = pos % cols, c1 = std::min(cols, c0 + (seg.end - pos));
-        fn(x + row * cols, c0, c1, m + row * pc);
-        pos += c1 - c0;
-      }
-    };
-    at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
+    at::parallel_for(0, nseg, kGrain, [&](int64_t sb, int64_t se) {
+      uint32_t buffer[kBlock];
       for (int64_t s = sb; s < se; ++s) {
-        for_pieces(plan.segs[s], [&](const scalar_t* x, int64_t c0, int64_t c1, uint8_t* m) {
-          ties[s] += mask_row_piece(x, c0, c1, use_abs, threshold, m);
+        const Seg& seg = plan.segs[s];
+        visit_keys<scalar_t>(plan, seg, use_abs, buffer, [&](const uint32_t* keys, int64_t n, int64_t row, int64_t col0) {
+          ties[s] += pack_block(keys, n, 0, threshold, mask_row(masks, plan, seg.tensor, row) + col0 / 8);
         });
       }
     });
-    // ties[s] becomes the number of ties before segment s (exclusive prefix sum).
-    std::vector<int64_t> before(nseg);
-    int64_t running = 0;
-    for (int64_t s = 0; s < nseg; ++s) {
-      before[s] = running;
-      running += ties[s];
+    // Ties before each segment in flat order; only segments holding ties to keep are revisited.
+    std::vector<std::pair<int64_t, int64_t>> fixups;  // (segment, rank of its first tie)
+    int64_t before = 0;
+    for (int64_t s = 0; s < nseg && before < ties_to_keep; ++s) {
+      if (ties[s] > 0) fixups.emplace_back(s, before);
+      before += ties[s];
     }
-    at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
-      for (int64_t s = sb; s < se; ++s) {
-        if (ties[s] == 0 || before[s] >= ties_to_keep) continue;
-        int64_t rank = before[s];
-        for_pieces(plan.segs[s], [&](const scalar_t* x, int64_t c0, int64_t c1, uint8_t* m) {
-          for (int64_t c = c0; c < c1 && rank < ties_to_keep; ++c) {
-            if (key_of(x[c], use_abs) == threshold) {
-              m[c / 8] |= static_cast<uint8_t>(1u << (c % 8));
+    at::parallel_for(0, static_cast<int64_t>(fixups.size()), 1, [&](int64_t fb, int64_t fe) {
+      uint32_t buffer[kBlock];
+      for (int64_t f = fb; f < fe; ++f) {
+        const Seg& seg = plan.segs[fixups[f].first];
+        int64_t rank = fixups[f].second;
+        visit_keys<scalar_t>(plan, seg, use_abs, buffer, [&](const uint32_t* keys, int64_t n, int64_t row, int64_t col0) {
+          uint8_t* m = mask_row(masks, plan, seg.tensor, row);
+          for (int64_t i = 0; i < n && rank < ties_to_keep; ++i) {
+            if (keys[i] == threshold) {
+              m[(col0 + i) / 8] |= static_cast<uint8_t>(1u << ((col0 + i) % 8));
               ++rank;
             }
           }
@@ -209,6 +253,53 @@ std::vector<at::Tensor> mask_from_threshold(const Plan& plan, bool use_abs, uint
     });
   });
   return masks;
+}
+
+// A key of the undecided bucket and where it is: segment and offset in it (flat order).
+struct Candidate {
+  uint32_t key, seg, offset;
+};
+
+// Global top-k from the first histogram alone: one mask pass keeps the buckets above
+// `bucket` and collects the keys of `bucket` itself (count of them, known from the
+// histogram) as candidates; the best `rank` candidates (key, then flat position) are then
+// set one by one. Returns the masks and the threshold key.
+std::pair<std::vector<at::Tensor>, uint32_t> mask_from_bucket(const Plan& plan, bool use_abs, uint32_t bucket,
+                                                              int64_t count, int64_t rank) {
+  auto masks = new_masks(plan.xs, /*zeroed=*/false);
+  std::vector<Candidate> candidates(count);
+  std::atomic<int64_t> cursor{0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, plan.dtype, "topk_mask_pass", [&] {
+    at::parallel_for(0, static_cast<int64_t>(plan.segs.size()), kGrain, [&](int64_t sb, int64_t se) {
+      uint32_t buffer[kBlock];
+      for (int64_t s = sb; s < se; ++s) {
+        const Seg& seg = plan.segs[s];
+        visit_keys<scalar_t>(plan, seg, use_abs, buffer, [&](const uint32_t* keys, int64_t n, int64_t row, int64_t col0) {
+          if (pack_block(keys, n, kDigitBits, bucket, mask_row(masks, plan, seg.tensor, row) + col0 / 8) == 0) return;
+          const int64_t offset = row * plan.cols(seg.tensor) + col0 - seg.begin;
+          for (int64_t i = 0; i < n; ++i) {
+            if ((keys[i] >> kDigitBits) == bucket) {
+              candidates[cursor.fetch_add(1, std::memory_order_relaxed)] = {
+                  keys[i], static_cast<uint32_t>(s), static_cast<uint32_t>(offset + i)};
+            }
+          }
+        });
+      }
+    });
+  });
+  TORCH_CHECK(cursor.load() == count, "topk_mask: internal error, the bucket count changed between passes");
+  // The order is the selection order itself: larger key first, then lower flat position.
+  const auto better = [](const Candidate& a, const Candidate& b) {
+    return a.key != b.key ? a.key > b.key : (a.seg != b.seg ? a.seg < b.seg : a.offset < b.offset);
+  };
+  std::nth_element(candidates.begin(), candidates.begin() + (rank - 1), candidates.end(), better);
+  for (int64_t i = 0; i < rank; ++i) {
+    const Seg& seg = plan.segs[candidates[i].seg];
+    const int64_t pos = seg.begin + candidates[i].offset, cols = plan.cols(seg.tensor);
+    const int64_t col = pos % cols;
+    mask_row(masks, plan, seg.tensor, pos / cols)[col / 8] |= static_cast<uint8_t>(1u << (col % 8));
+  }
+  return {std::move(masks), candidates[rank - 1].key};
 }
 
 // The bucket holding the k-th largest key (1-based k, k <= sum(hist)) and the count above it.
@@ -261,11 +352,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> topk_mask_cpu(at::TensorList xs,
     return {new_masks(xs, /*zeroed=*/true), at::scalar_tensor(std::numeric_limits<float>::infinity(), at::kFloat)};
   }
   const auto [high, above_high] = select_bucket(first, k);
-  const auto second =
-      histogram(plan, use_abs, Digit::make(high, kDigitBits, kDigitBits), int64_t{1} << kDigitBits, "topk_mask");
-  const auto [low, above_low] = select_bucket(second, k - above_high);
-  const uint32_t threshold = (high << kDigitBits) | low;
-  auto masks = mask_from_threshold(plan, use_abs, threshold, k - above_high - above_low);
+  const int64_t in_bucket = first.data_ptr<int64_t>()[high];
+  uint32_t threshold;
+  std::vector<at::Tensor> masks;
+  if (in_bucket <= std::max(kSegment, n / kCandidateFraction)) {
+    std::tie(masks, threshold) = mask_from_bucket(plan, use_abs, high, in_bucket, k - above_high);
+  } else {
+    // A crowded bucket (many equal values, e.g. zeros): narrow it with a second histogram.
+    const auto second =
+        histogram(plan, use_abs, Digit::make(high, kDigitBits, kDigitBits), int64_t{1} << kDigitBits, "topk_mask");
+    const auto [low, above_low] = select_bucket(second, k - above_high);
+    threshold = (high << kDigitBits) | low;
+    masks = mask_from_threshold(plan, use_abs, threshold, k - above_high - above_low);
+  }
   return {std::move(masks), at::scalar_tensor(key_to_float(threshold), at::kFloat)};
 }
 
