@@ -318,10 +318,16 @@ struct DeviceTable {
   int n = 0;
 };
 
+// Small int64 host data to the device without a host sync: staged in pinned memory (the
+// caching host allocator keeps it until the copy has run) and copied on the current stream.
+at::Tensor pinned_longs(at::IntArrayRef sizes) {
+  return at::empty(sizes, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+}
+
 DeviceTable make_table(at::TensorList inputs, const std::vector<at::Tensor>* masks) {
   DeviceTable t;
   t.n = static_cast<int>(inputs.size());
-  auto host = at::empty({t.n, kFields}, at::TensorOptions().dtype(at::kLong));
+  auto host = pinned_longs({t.n, kFields});
   int64_t* h = host.data_ptr<int64_t>();
   for (int i = 0; i < t.n; ++i) {
     t.xs.push_back(inputs[i].contiguous());
@@ -336,7 +342,7 @@ DeviceTable make_table(at::TensorList inputs, const std::vector<at::Tensor>* mas
     e[kBytes] = bytes;
     t.total_bytes += bytes;
   }
-  t.table = host.to(inputs[0].device());
+  t.table = host.to(inputs[0].device(), at::kLong, /*non_blocking=*/true);
   t.tiles = (t.total_bytes + kTileBytes - 1) / kTileBytes;
   return t;
 }
@@ -346,7 +352,7 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 at::Tensor new_flag(const at::Tensor& like) { return at::zeros({1}, like.options().dtype(at::kInt)); }
 
 void raise_if_flagged(const at::Tensor& flag, const char* op) {
-  if (flag.item<int>() != 0) fail_non_finite(op);  // the one host sync of each op
+  if (flag.item<int>() != 0) fail_non_finite(op);  // the one host sync of each op (reads the flag)
 }
 
 void check_finite(const DeviceTable& t, at::ScalarType dtype, const char* op) {
@@ -406,7 +412,10 @@ void launch_masks(const DeviceTable& t, at::ScalarType dtype, bool use_abs, cons
 }
 
 at::Tensor device_state(int64_t a, int64_t b, const at::Tensor& like) {
-  return at::tensor({a, b}, at::TensorOptions().dtype(at::kLong)).to(like.device());
+  auto host = pinned_longs({2});
+  host.data_ptr<int64_t>()[0] = a;
+  host.data_ptr<int64_t>()[1] = b;
+  return host.to(like.device(), at::kLong, /*non_blocking=*/true);
 }
 
 // ---------------------------------------------------------------------------------------

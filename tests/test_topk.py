@@ -317,7 +317,10 @@ def test_mask_from_threshold(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_find_threshold_single_process(device):
+@pytest.mark.parametrize("schedule", [None, (11, 11, 10), (8, 8, 8, 8)], ids=str)
+def test_find_threshold_single_process(device, schedule, monkeypatch):
+    if schedule is not None:  # the digit schedules of the other device, on this one
+        monkeypatch.setattr(T, "_digit_schedule", lambda _device: schedule)
     xs = tie_heavy(device, shapes=((64, 100), (37,)))
     n = sum(x.numel() for x in xs)
     for k in (0, 1, 777, n // 2, n):
@@ -367,6 +370,8 @@ def test_find_threshold_sharded_two_ranks(device):
         single, _ = T.topk_mask(xs, k)
         for got, want in zip(per_rank[0] + per_rank[1], single):
             assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="needs all_gather"):
+        T.find_threshold(xs, 1, all_reduce=lambda t: None)
 
 
 # --- PyTorch integration ----------------------------------------------------------------

@@ -115,9 +115,6 @@ def _(x, n, m, use_abs):
 
 # --- Python drivers ---------------------------------------------------------------------
 
-_DIGIT_BITS = 16
-
-
 def key_to_value(key: int) -> float:
     """The float32 value an order-preserving key stands for."""
     bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
@@ -131,6 +128,12 @@ def _select_bucket(hist: Tensor, k: int) -> tuple[int, int]:
     return bucket, int(above[bucket] - hist[bucket])
 
 
+def _digit_schedule(device: torch.device) -> tuple[int, ...]:
+    # 16-bit digits suit the CPU's per-thread histograms; on a GPU 11/11/10 bits keep the
+    # per-block histograms in shared memory.
+    return (11, 11, 10) if device.type == "cuda" else (16, 16)
+
+
 def find_threshold(
     tensors: Sequence[Tensor],
     k: int,
@@ -140,20 +143,23 @@ def find_threshold(
     rank: int = 0,
 ) -> tuple[int, int]:
     """``(threshold_key, ties_to_keep)`` such that ``topk_mask_from_threshold(tensors, use_abs,
-    threshold_key, ties_to_keep)`` keeps exactly the ``k`` largest values, by two 16-bit
-    histogram passes.
+    threshold_key, ties_to_keep)`` keeps exactly the ``k`` largest values (ties to the lower flat
+    index), by radix-select histogram passes (two 16-bit digits on CPU, 11/11/10 bits on CUDA).
+    Use :func:`key_to_value` for the threshold value.
 
-    Sharded weights: every rank calls this with its own shard (ranks ordered as the global flat
-    order, i.e. rank r's tensors come after rank r-1's) and the *global* ``k``. ``all_reduce(hist)``
-    must sum an int64 tensor over ranks (in place, returning None, like ``torch.distributed
-    .all_reduce``, or returning the sum). The threshold key is then global, but the ties to keep
-    are per rank: rank r keeps the ties left after those of ranks < r, which needs
-    ``all_gather(t)`` returning the per-rank values stacked as ``[world, *t.shape]``, and ``rank``.
-    Without ``all_gather`` the returned count is the global one (correct only on one process).
-    Per-rank kept counts then add up to ``k`` and the masks equal the single-process ones.
+    Sharded weights: every rank calls this with its own non-empty shard and the *global* ``k``;
+    ranks are ordered as the global flat order (rank r's tensors come after rank r-1's).
+    ``all_reduce(hist)`` must sum an int64 tensor over ranks, in place (returning None, like
+    ``torch.distributed.all_reduce``) or returning the sum. The threshold key is then global, but
+    the ties to keep are per rank: rank r keeps what is left after the ties of ranks < r, which
+    needs ``all_gather(t)`` returning the per-rank values of ``t`` stacked as ``[world, *t.shape]``,
+    and this process's ``rank``. Per-rank kept counts then add up to ``k`` and the concatenated
+    masks equal the single-process ones.
     """
     if k < 0:
         raise ValueError(f"find_threshold: k must be >= 0, got {k}")
+    if all_reduce is not None and all_gather is None:
+        raise ValueError("find_threshold: sharded use (all_reduce) needs all_gather and rank for the per-rank ties")
 
     def reduce(hist: Tensor) -> Tensor:
         if all_reduce is None:
@@ -161,23 +167,24 @@ def find_threshold(
         out = all_reduce(hist)
         return hist if out is None else out
 
-    first = reduce(topk_histogram(tensors, use_abs, 0, 0, _DIGIT_BITS)).cpu()
-    total = int(first.sum())
-    if k > total:
-        raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
-    if k == 0:
-        return 0xFFFFFFFF, 0  # no finite value has the largest key (it stands for a NaN)
-    high, above_high = _select_bucket(first, k)
-    local = topk_histogram(tensors, use_abs, high, _DIGIT_BITS, _DIGIT_BITS)
-    second = reduce(local.clone()).cpu()
-    low, above_low = _select_bucket(second, k - above_high)
-    key = (high << _DIGIT_BITS) | low
-    ties = k - above_high - above_low
+    prefix, prefix_bits, remaining = 0, 0, k
+    bucket, local = 0, None
+    for bits in _digit_schedule(tensors[0].device):
+        local = topk_histogram(tensors, use_abs, prefix, prefix_bits, bits)
+        hist = reduce(local.clone()).cpu()
+        if prefix_bits == 0:
+            total = int(hist.sum())
+            if k > total:
+                raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
+            if k == 0:
+                return 0xFFFFFFFF, 0  # no finite value has the largest key (it stands for a NaN)
+        bucket, above = _select_bucket(hist, remaining)
+        prefix, prefix_bits, remaining = (prefix << bits) | bucket, prefix_bits + bits, remaining - above
     if all_gather is not None:
-        local_ties = local[low : low + 1].clone()
+        local_ties = local[bucket : bucket + 1].clone()
         earlier = int(torch.as_tensor(all_gather(local_ties)).reshape(-1)[:rank].sum())
-        ties = min(max(ties - earlier, 0), int(local_ties))
-    return key, ties
+        remaining = min(max(remaining - earlier, 0), int(local_ties))
+    return prefix, remaining
 
 
 # --- topk_masks: the public entry point ---------------------------------------------------
