@@ -279,8 +279,10 @@ std::pair<std::vector<at::Tensor>, uint32_t> mask_from_bucket(const Plan& plan, 
           const int64_t offset = row * plan.cols(seg.tensor) + col0 - seg.begin;
           for (int64_t i = 0; i < n; ++i) {
             if ((keys[i] >> kDigitBits) == bucket) {
-              candidates[cursor.fetch_add(1, std::memory_order_relaxed)] = {
-                  keys[i], static_cast<uint32_t>(s), static_cast<uint32_t>(offset + i)};
+              const int64_t slot = cursor.fetch_add(1, std::memory_order_relaxed);
+              if (slot < count) {  // only an input changed under us could overflow; checked below
+                candidates[slot] = {keys[i], static_cast<uint32_t>(s), static_cast<uint32_t>(offset + i)};
+              }
             }
           }
         });
