@@ -121,23 +121,37 @@ void histogram_block(const uint32_t* keys, int64_t n, Digit d, int64_t* hist) {
   }
 }
 
-// Summed histogram over all segments with per-thread histograms; fails on NaN/Inf.
-at::Tensor histogram(const Plan& plan, bool use_abs, Digit d, int64_t bins, const char* op) {
-  auto out = at::zeros({bins}, at::TensorOptions().dtype(at::kLong));
-  int64_t* total = out.data_ptr<int64_t>();
+// Zeroed per-thread histogram storage, kept across calls: allocating and freeing half a MiB
+// per call costs page faults and TLB shootdowns across the pool's threads, which on a busy
+// machine made small calls 30x slower. `Tag` separates the caller's total from the locals
+// (the calling thread also runs a share of the parallel loop).
+template <typename Tag>
+int64_t* thread_histogram(int64_t bins) {
+  thread_local std::vector<int64_t> storage;
+  if (static_cast<int64_t>(storage.size()) < bins) storage.resize(bins);
+  std::fill_n(storage.begin(), bins, 0);
+  return storage.data();
+}
+struct LocalTag {};
+struct TotalTag {};
+
+// Summed histogram over all segments into total[bins] (zeroed here) from per-thread
+// histograms; fails on NaN/Inf.
+void histogram(const Plan& plan, bool use_abs, Digit d, int64_t bins, int64_t* total, const char* op) {
+  std::fill_n(total, bins, 0);
   std::mutex merge;
   bool bad = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, plan.dtype, "topk_histogram", [&] {
     at::parallel_for(0, static_cast<int64_t>(plan.segs.size()), kGrain, [&](int64_t sb, int64_t se) {
-      std::vector<int64_t> local(bins, 0);
+      int64_t* local = thread_histogram<LocalTag>(bins);
       uint32_t buffer[kBlock];
       bool local_bad = false;
       for (int64_t s = sb; s < se; ++s) {
         local_bad |= visit_keys<scalar_t>(plan, plan.segs[s], use_abs, buffer, [&](const uint32_t* keys, int64_t n, int64_t, int64_t) {
           if (d.prefix_mask == 0) {
-            histogram_block<true>(keys, n, d, local.data());
+            histogram_block<true>(keys, n, d, local);
           } else {
-            histogram_block<false>(keys, n, d, local.data());
+            histogram_block<false>(keys, n, d, local);
           }
         });
       }
@@ -147,7 +161,6 @@ at::Tensor histogram(const Plan& plan, bool use_abs, Digit d, int64_t bins, cons
     });
   });
   if (bad) fail_non_finite(op);
-  return out;
 }
 
 // A read-only pass for the ops that do not histogram first, so that they fail before writing.
@@ -305,10 +318,9 @@ std::pair<std::vector<at::Tensor>, uint32_t> mask_from_bucket(const Plan& plan, 
 }
 
 // The bucket holding the k-th largest key (1-based k, k <= sum(hist)) and the count above it.
-std::pair<uint32_t, int64_t> select_bucket(const at::Tensor& hist, int64_t k) {
-  const int64_t* h = hist.data_ptr<int64_t>();
+std::pair<uint32_t, int64_t> select_bucket(const int64_t* h, int64_t bins, int64_t k) {
   int64_t above = 0;
-  for (int64_t b = hist.numel() - 1; b >= 0; --b) {
+  for (int64_t b = bins - 1; b >= 0; --b) {
     if (above + h[b] >= k) return {static_cast<uint32_t>(b), above};
     above += h[b];
   }
@@ -329,8 +341,10 @@ at::Tensor topk_histogram_cpu(at::TensorList xs, bool use_abs, int64_t prefix, i
   check_inputs(xs, "topk_histogram");
   check_histogram_args(prefix, prefix_bits, digit_bits);
   const Plan plan = make_plan(xs);
-  return histogram(plan, use_abs, Digit::make(static_cast<uint32_t>(prefix), prefix_bits, digit_bits),
-                   int64_t{1} << digit_bits, "topk_histogram");
+  auto out = at::empty({int64_t{1} << digit_bits}, at::TensorOptions().dtype(at::kLong));
+  histogram(plan, use_abs, Digit::make(static_cast<uint32_t>(prefix), prefix_bits, digit_bits), out.numel(),
+            out.data_ptr<int64_t>(), "topk_histogram");
+  return out;
 }
 
 std::vector<at::Tensor> topk_mask_from_threshold_cpu(at::TensorList xs, bool use_abs, int64_t threshold_key,
@@ -349,21 +363,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> topk_mask_cpu(at::TensorList xs,
   const int64_t n = total_numel(xs);
   TORCH_CHECK(k >= 0 && k <= n, "topk_mask: k must be in [0, N] with N = ", n, " elements in all xs, got k = ", k);
   const Plan plan = make_plan(xs);
-  const auto first = histogram(plan, use_abs, Digit::make(0, 0, kDigitBits), int64_t{1} << kDigitBits, "topk_mask");
+  constexpr int64_t bins = int64_t{1} << kDigitBits;
+  int64_t* hist = thread_histogram<TotalTag>(bins);
+  histogram(plan, use_abs, Digit::make(0, 0, kDigitBits), bins, hist, "topk_mask");
   if (k == 0) {
     return {new_masks(xs, /*zeroed=*/true), at::scalar_tensor(std::numeric_limits<float>::infinity(), at::kFloat)};
   }
-  const auto [high, above_high] = select_bucket(first, k);
-  const int64_t in_bucket = first.data_ptr<int64_t>()[high];
+  const auto [high, above_high] = select_bucket(hist, bins, k);
+  const int64_t in_bucket = hist[high];
   uint32_t threshold;
   std::vector<at::Tensor> masks;
   if (in_bucket <= std::max(kSegment, n / kCandidateFraction)) {
     std::tie(masks, threshold) = mask_from_bucket(plan, use_abs, high, in_bucket, k - above_high);
   } else {
     // A crowded bucket (many equal values, e.g. zeros): narrow it with a second histogram.
-    const auto second =
-        histogram(plan, use_abs, Digit::make(high, kDigitBits, kDigitBits), int64_t{1} << kDigitBits, "topk_mask");
-    const auto [low, above_low] = select_bucket(second, k - above_high);
+    histogram(plan, use_abs, Digit::make(high, kDigitBits, kDigitBits), bins, hist, "topk_mask");
+    const auto [low, above_low] = select_bucket(hist, bins, k - above_high);
     threshold = (high << kDigitBits) | low;
     masks = mask_from_threshold(plan, use_abs, threshold, k - above_high - above_low);
   }
