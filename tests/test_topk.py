@@ -231,8 +231,18 @@ def tie_heavy(device, shapes=((300, 700), (129, 515), (70001,)), seed=1):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_ties_deterministic_and_thread_independent(device):
-    xs = tie_heavy(device)  # > 2**16 elements each: several segments / blocks per tensor
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        # Every |value| bucket holds > 2**16 elements: the CPU's two-histogram path.
+        ((300, 700), (129, 515), (70001,)),
+        # Buckets small enough for the CPU's one-histogram path that buffers the undecided bucket.
+        ((300, 200), (129, 51)),
+    ],
+    ids=["crowded-buckets", "small-buckets"],
+)
+def test_ties_deterministic_and_thread_independent(device, shapes):
+    xs = tie_heavy(device, shapes)  # > 2**16 elements: several segments / blocks
     n = sum(x.numel() for x in xs)
     threads = torch.get_num_threads()
     try:
