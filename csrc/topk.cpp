@@ -1,18 +1,24 @@
 // Top-k magnitude selection on the CPU: radix select over order-preserving keys,
 // computed on the fly from the tensors in place (no concatenation, no key tensor).
 //
-// Global top-k is two 16-bit histogram passes (the top 16 key bits, then the low 16
-// bits of the keys in the selected bucket) and one mask pass. The mask pass keeps
-// keys above the threshold key and counts the keys equal to it per segment; a
-// prefix sum over those counts then gives every tie its rank in flat order, and a
-// fix-up touches only the segments that hold ties to keep. Segments are ranges of
-// one tensor whose ends fall on mask-byte boundaries, so threads never share a byte.
+// Global top-k starts with a histogram of the top 16 key bits, which fixes every key
+// outside the bucket that holds the k-th largest. Usually that bucket is small (for
+// normal weights at 90% sparsity, ~0.1% of them), and one mask pass both writes the
+// decided bits and collects the bucket's keys with their flat positions; the best ones
+// by (key, position) are then set from that short list: two passes over the weights.
+// When the bucket is crowded (many equal values, e.g. zeros) a second histogram over
+// the low 16 bits gives the exact threshold key instead, and the mask pass keeps the
+// keys above it and counts the keys equal to it per segment; a prefix sum over those
+// counts gives every tie its rank in flat order, and a fix-up touches only the
+// segments holding ties to keep. Segments are ranges of one tensor whose ends fall on
+// mask-byte boundaries, so threads never share a byte, and the results do not depend
+// on the thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <atomic>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <mutex>
