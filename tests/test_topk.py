@@ -85,7 +85,7 @@ def kept(masks, xs):
     return sum(int(m.sum()) for m in unpack(masks, xs))
 
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPE_LISTS = [
     [(37,)],
     [(5, 13)],
