@@ -48,23 +48,37 @@ struct ByteRef {
   int width;  // elements covered by the byte, 1..8
 };
 
-__device__ __forceinline__ ByteRef locate(const int64_t* table, int n, int64_t g) {
-  // The last tensor whose first byte is <= g; empty tensors share their begin with the
-  // next one, so the last match is the one that holds the byte.
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table[mid * kFields + kByteBegin] <= g) lo = mid; else hi = mid - 1;
+// Finds the tensor of global mask byte g. A thread's bytes nearly always fall in the tensor
+// of its previous byte, so that one is tried before a binary search over the table.
+struct Locator {
+  const int64_t* table;
+  int n;
+  int last = 0;
+
+  __device__ __forceinline__ Locator(const int64_t* table_, int n_) : table(table_), n(n_) {}
+
+  __device__ __forceinline__ ByteRef operator()(int64_t g) {
+    const int64_t* e = table + last * kFields;
+    if (g < e[kByteBegin] || g >= e[kByteBegin] + e[kBytes]) {
+      // The last tensor whose first byte is <= g; empty tensors share their begin with the
+      // next one, so the last match is the one that holds the byte.
+      int lo = 0, hi = n - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (table[mid * kFields + kByteBegin] <= g) lo = mid; else hi = mid - 1;
+      }
+      last = lo;
+      e = table + lo * kFields;
+    }
+    const int64_t local = g - e[kByteBegin], pc = e[kPackedCols], cols = e[kCols];
+    ByteRef r;
+    r.entry = e;
+    r.row = local / pc;
+    r.col0 = (local % pc) * 8;
+    r.width = static_cast<int>(imin(8, cols - r.col0));
+    return r;
   }
-  const int64_t* e = table + lo * kFields;
-  const int64_t local = g - e[kByteBegin], pc = e[kPackedCols], cols = e[kCols];
-  ByteRef r;
-  r.entry = e;
-  r.row = local / pc;
-  r.col0 = (local % pc) * 8;
-  r.width = static_cast<int>(imin(8, cols - r.col0));
-  return r;
-}
+};
 
 template <typename scalar_t>
 __device__ __forceinline__ uint32_t raw_bits_at(const ByteRef& r, int j) {
@@ -93,12 +107,13 @@ __global__ void histogram_kernel(const int64_t* table, int n, int64_t total_byte
     __syncthreads();
   }
   const uint32_t prefix = state ? static_cast<uint32_t>(state[0]) & d.prefix_mask : d.prefix_value;
+  Locator locate(table, n);
   uint32_t local_bad = 0;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kTileBytes;
   for (int i = 0; i < kBytesPerThread; ++i) {
     const int64_t g = tile + i * kThreads + threadIdx.x;  // strided: neighbours read neighbouring bytes
     if (g >= total_bytes) break;
-    const ByteRef r = locate(table, n, g);
+    const ByteRef r = locate(g);
     for (int j = 0; j < r.width; ++j) {
       const uint32_t bits = raw_bits_at<scalar_t>(r, j);
       local_bad |= bits_non_finite(bits);
@@ -157,12 +172,13 @@ __global__ void mask_kernel(const int64_t* table, int n, int64_t total_bytes, bo
   using Reduce = cub::BlockReduce<int64_t, kThreads>;
   __shared__ typename Reduce::TempStorage reduce_storage;
   const uint32_t threshold = static_cast<uint32_t>(state[0]);
+  Locator locate(table, n);
   int64_t ties = 0;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kTileBytes;
   for (int i = 0; i < kBytesPerThread; ++i) {
     const int64_t g = tile + i * kThreads + threadIdx.x;
     if (g >= total_bytes) break;
-    const ByteRef r = locate(table, n, g);
+    const ByteRef r = locate(g);
     uint32_t byte = 0;
     for (int j = 0; j < r.width; ++j) {
       const uint32_t key = key_at<scalar_t>(r, j, use_abs);
@@ -187,16 +203,17 @@ __global__ void tie_fixup_kernel(const int64_t* table, int n, int64_t total_byte
   // Uniform over the block: the blocks without ties to keep leave at once.
   if (block_ties[blockIdx.x] == 0 || ties_before[blockIdx.x] >= keep) return;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kTileBytes + threadIdx.x * kBytesPerThread;
+  Locator locate(table, n);
   int64_t mine = 0;
   for (int i = 0; i < kBytesPerThread && first + i < total_bytes; ++i) {
-    const ByteRef r = locate(table, n, first + i);
+    const ByteRef r = locate(first + i);
     for (int j = 0; j < r.width; ++j) mine += key_at<scalar_t>(r, j, use_abs) == threshold;
   }
   int64_t rank;
   Scan(scan_storage).ExclusiveSum(mine, rank);
   rank += ties_before[blockIdx.x];
   for (int i = 0; i < kBytesPerThread && first + i < total_bytes && rank < keep; ++i) {
-    const ByteRef r = locate(table, n, first + i);
+    const ByteRef r = locate(first + i);
     uint32_t add = 0;
     for (int j = 0; j < r.width; ++j) {
       if (key_at<scalar_t>(r, j, use_abs) == threshold) {
@@ -211,11 +228,12 @@ __global__ void tie_fixup_kernel(const int64_t* table, int n, int64_t total_byte
 template <typename scalar_t>
 __global__ void check_finite_kernel(const int64_t* table, int n, int64_t total_bytes, int* bad) {
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kTileBytes;
+  Locator locate(table, n);
   uint32_t local_bad = 0;
   for (int i = 0; i < kBytesPerThread; ++i) {
     const int64_t g = tile + i * kThreads + threadIdx.x;
     if (g >= total_bytes) break;
-    const ByteRef r = locate(table, n, g);
+    const ByteRef r = locate(g);
     for (int j = 0; j < r.width; ++j) local_bad |= bits_non_finite(raw_bits_at<scalar_t>(r, j));
   }
   if (local_bad) atomicOr(bad, 1);
