@@ -224,8 +224,10 @@ def _expand_blocks(packed: Tensor, x: Tensor, block: tuple[int, int]) -> Tensor:
 def _min_kept(x: Tensor, packed: Tensor, use_abs: bool) -> Tensor:
     """The smallest kept score of x (+inf when nothing is kept)."""
     score = (x.abs() if use_abs else x).float()
+    if x.numel() == 0:
+        return score.new_tensor(math.inf)
     keep = unpack_mask(packed, x.shape[-1])
-    return torch.where(keep, score, torch.full_like(score, math.inf)).amin() if x.numel() else score.new_tensor(math.inf)
+    return torch.where(keep, score, torch.full_like(score, math.inf)).amin()
 
 
 def topk_masks(
@@ -254,8 +256,9 @@ def topk_masks(
       divide); ``k`` must be omitted and ``sparsity`` omitted or equal to ``1 - n/m``; threshold as
       for rows.
     - ``"block"``: blocks of shape ``block`` over the last two dimensions (a 1-D tensor is one row),
-      scored by their ``block_norm`` ("l1" or "l2") norm, the k largest blocks over all tensors
-      (k and N count blocks), expanded to element masks; threshold: the k-th largest block score.
+      scored by their ``block_norm`` ("l1" or "l2") norm of the values (``use_abs`` does not
+      apply), the k largest blocks over all tensors (k and N count blocks), expanded to element
+      masks; threshold: the k-th largest block score.
 
     Raises ValueError for bad arguments; RuntimeError (from the op) for NaN/Inf inputs.
     """
