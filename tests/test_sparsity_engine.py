@@ -6,7 +6,7 @@ import torch
 from tinybert import batch, classifier, encoder
 
 import sparsebert
-from sparsebert.ops import pack_mask, unpack_mask
+from sparsebert.ops import pack_mask
 from sparsebert.sparsity import (Cubic, MaskedLinear, Pruner, enable_qat, fake_quantize, lock, masked_modules,
                                  sparsify, sparsity_report)
 
