@@ -7,6 +7,7 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -118,9 +119,11 @@ at::Tensor masked_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Te
 
 // G = grad_out^T x over the flattened leading dimensions: a fresh contiguous [out, in].
 at::Tensor grad_weight_gemm(const at::Tensor& grad_out, const at::Tensor& x) {
-  const at::Tensor go = grad_out.reshape({-1, grad_out.size(-1)});
-  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  return at::mm(go.t(), x2).contiguous();
+  const auto as_2d = [](const at::Tensor& t) {
+    // Explicit rows: reshape(-1, 0) is ambiguous for zero features.
+    return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
+  };
+  return at::mm(as_2d(grad_out).t(), as_2d(x)).contiguous();
 }
 
 at::Tensor masked_linear_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mask) {

@@ -205,6 +205,17 @@ def test_empty_batch(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n_in,n_out", [(0, 4), (5, 0)])
+def test_zero_features(device, n_in, n_out):
+    x0, w0, b0, s0, keep, mask = make((3,), n_in, n_out, device, torch.float32)
+    x, w, s, b = leaves(x0, w0, s0, b0)
+    y = movement_linear(x, w, s, mask, b)
+    torch.testing.assert_close(y, b0.expand(3, n_out))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and s.grad.shape == s.shape
+
+
+@pytest.mark.parametrize("device", devices())
 def test_only_required_gradients(device):
     x0, w0, b0, s0, keep, mask = make((3,), 10, 4, device, torch.float32)
     x, = leaves(x0)

@@ -22,7 +22,8 @@ def _fake_check(x: Tensor, weight: Tensor) -> None:
 
 
 def _grad_bias(grad_out: Tensor) -> Tensor:
-    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    # flatten, not reshape(-1, out): the latter is ambiguous when out_features is 0.
+    return grad_out.flatten(0, -2).sum(0) if grad_out.dim() > 1 else grad_out
 
 
 # ---------------------------------------------------------------------------------------
