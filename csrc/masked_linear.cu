@@ -231,7 +231,7 @@ __global__ void mask_epilogue_kernel(T* __restrict__ g, const uint8_t* __restric
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A [M, K] (any layout; made contiguous) times the masked W; see masked_gemm_kernel.
+// A [M, K] (any layout; made contiguous) times the masked W, as laid out in stage_tiles.
 at::Tensor masked_gemm(const at::Tensor& a_in, const at::Tensor& weight, const at::Tensor& mask,
                        const std::optional<at::Tensor>& bias, bool weight_rows_are_n) {
   const at::Tensor a = a_in.contiguous();
@@ -246,7 +246,7 @@ at::Tensor masked_gemm(const at::Tensor& a_in, const at::Tensor& weight, const a
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "masked_linear_gemm_cuda", [&] {
     const scalar_t* bias_ptr = b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr;
-    // A pointer to the kernel both layouts and both kinds of core share the launch below.
+    // One launch for both weight layouts and both kinds of cores.
     auto kernel = [&] {
       if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
         return weight_rows_are_n ? masked_gemm_wmma_kernel<scalar_t, true> : masked_gemm_wmma_kernel<scalar_t, false>;
