@@ -238,9 +238,9 @@ at::Tensor masked_gemm(const at::Tensor& a_in, const at::Tensor& weight, const a
   const at::Tensor w = weight.contiguous();
   const int64_t M = a.size(0), K = a.size(1);
   const int64_t N = weight_rows_are_n ? w.size(0) : w.size(1);
+  TORCH_CHECK(ceil_div(N, kBN) <= 65535, "masked_linear: ", N, " output columns exceed the CUDA grid");
   at::Tensor c = at::empty({M, N}, a.options());
   if (M == 0 || N == 0) return c;
-  TORCH_CHECK(ceil_div(N, kBN) <= 65535, "masked_linear: ", N, " output columns exceed the CUDA grid");
   const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kBM)), static_cast<unsigned>(ceil_div(N, kBN)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
