@@ -11,7 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <tuple>
+#include <type_traits>
 
 #include "masked_linear.h"
 
@@ -24,14 +26,18 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
-// dst = src where the mask bit is set, else 0 (a select, so pruned NaN/Inf do not leak); with
-// scores != nullptr also scores = src * weight from the same read of src. dst may alias src.
-// Rows [r0, r1) of a row-major [rows, cols] matrix. The 8 elements of one mask byte form an
-// unrolled inner loop that the compiler turns into shift/compare/blend vectors.
+// dst = src where the mask bit is set, else +0 (an AND with an all-ones/all-zeros lane mask,
+// so pruned NaN/Inf do not leak); with scores != nullptr also scores = src * weight from the
+// same read of src. dst may alias src. Rows [r0, r1) of a row-major [rows, cols] matrix. The
+// 8 elements of one mask byte form an unrolled inner loop that the compiler turns into
+// broadcast/shift/and vectors (an integer AND vectorizes better than a floating-point select).
 template <typename T, bool kScores>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void mask_rows(const T* src, const uint8_t* mask, T* dst, const T* weight, T* scores, int64_t r0, int64_t r1,
                int64_t cols) {
+  using U = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(U) == sizeof(T));
+  const auto keep_if = [](T g, unsigned bit) { return std::bit_cast<T>(U(std::bit_cast<U>(g) & U(U(0) - U(bit)))); };
   const int64_t mcols = packed_cols(cols);
   const int64_t full = cols / 8;
   for (int64_t r = r0; r < r1; ++r) {
@@ -39,18 +45,19 @@ void mask_rows(const T* src, const uint8_t* mask, T* dst, const T* weight, T* sc
     const int64_t off = r * cols;
     for (int64_t b = 0; b < full; ++b) {
       const unsigned bits = m[b];
+#pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
         const int64_t j = off + 8 * b + k;
         const T g = src[j];
         if constexpr (kScores) scores[j] = g * weight[j];
-        dst[j] = ((bits >> k) & 1u) ? g : T(0);
+        dst[j] = keep_if(g, (bits >> k) & 1u);
       }
     }
     for (int64_t c = 8 * full; c < cols; ++c) {
       const int64_t j = off + c;
       const T g = src[j];
       if constexpr (kScores) scores[j] = g * weight[j];
-      dst[j] = mask_bit(m, c) ? g : T(0);
+      dst[j] = keep_if(g, mask_bit(m, c));
     }
   }
 }
