@@ -164,7 +164,7 @@ class SparseMethod(Method):
             with torch.no_grad():
                 teacher_out = self._forward(ctx.teacher, batch, hidden, attentions)
         loss, logs = distill_loss(d, student_out, teacher_out, batch, ctx.objective)
-        if self.config["criterion"] == "soft-movement" and not self.pruner.finalized:
+        if self.config["criterion"] == "soft-movement" and self.pruner.schedule is not None and not self.pruner.finalized:
             value = self.pruner.schedule.value_at(step)
             final = self.config["threshold_final"] or 1.0
             penalty = soft_movement_penalty(self.pruner.modules)
