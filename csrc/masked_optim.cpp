@@ -1,2 +1,394 @@
-// Placeholder until the masked_optim kernels land.
+// CPU kernels of masked_adamw_ and masked_sgd_.
+//
+// Every tensor is cut into chunks of kChunkElems elements; the chunks of all tensors form one
+// flat work list for at::parallel_for. Up to three read-only passes come before any write:
+// the NaN/Inf check of the gradients (check_finite), the popcount of every chunk of a mask
+// (compact mode: the state offset of each chunk, and the state lengths to check), then the
+// update pass. Dense-state chunks run a vectorized loop over tiles whose mask bits were
+// expanded a byte (8 elements) at a time; compact chunks walk the set bits.
+#include "masked_optim.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SPARSEBERT_X86 1
+// The update loops are compiled for each ISA and picked at load time. The compact and
+// dense loops both carry the clones, so that both contract to the same fused multiply-adds
+// and agree bit for bit.
+#define SPARSEBERT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SPARSEBERT_X86 0
+#define SPARSEBERT_CLONES
+#endif
+
+namespace sparsebert::optim {
+namespace {
+
+constexpr int64_t kTile = 256;  // elements per inner vector loop (its buffers live on the stack)
+
+static_assert(std::endian::native == std::endian::little, "kBitBytes is laid out for a little-endian machine");
+
+// kBitBytes[b] read as 8 bytes in memory: byte k is bit k of b (0 or 1).
+constexpr std::array<uint64_t, 256> make_bit_bytes() {
+  std::array<uint64_t, 256> table{};
+  for (int b = 0; b < 256; ++b) {
+    for (int k = 0; k < 8; ++k) table[b] |= static_cast<uint64_t>((b >> k) & 1) << (8 * k);
+  }
+  return table;
+}
+constexpr std::array<uint64_t, 256> kBitBytes = make_bit_bytes();
+
+// The bits [c0, c0 + n) of a mask row as one byte (0/1) per element, n <= kTile; `buf` holds
+// kTile + 8 bytes. The returned pointer is element c0.
+inline const uint8_t* expand_bits(const uint8_t* mask_row, int64_t c0, int64_t n, uint8_t* buf) {
+  const uint8_t* bytes = mask_row + (c0 >> 3);
+  const int64_t skip = c0 & 7;
+  const int64_t count = (skip + n + 7) >> 3;
+  for (int64_t b = 0; b < count; ++b) std::memcpy(buf + 8 * b, &kBitBytes[bytes[b]], 8);
+  return buf + skip;
+}
+
+// Number of set bits among bits [c0, c0 + n) of a mask row.
+inline int64_t count_bits(const uint8_t* mask_row, int64_t c0, int64_t n) {
+  int64_t total = 0;
+  int64_t j = c0;
+  const int64_t stop = c0 + n;
+  while (j < stop && (j & 63) != 0) {  // to a 64-element (8-byte) boundary
+    const int64_t span = std::min<int64_t>(8 - (j & 7), stop - j);
+    total += std::popcount(static_cast<unsigned>((mask_row[j >> 3] >> (j & 7)) & ((1u << span) - 1)));
+    j += span;
+  }
+  for (; j + 64 <= stop; j += 64) {
+    uint64_t word;
+    std::memcpy(&word, mask_row + (j >> 3), 8);
+    total += std::popcount(word);
+  }
+  while (j < stop) {
+    const int64_t span = std::min<int64_t>(8, stop - j);
+    total += std::popcount(static_cast<unsigned>(mask_row[j >> 3] & ((1u << span) - 1)));
+    j += span;
+  }
+  return total;
+}
+
+// GCC keeps sqrt scalar (it may set errno) unless built with -fno-math-errno, so the AdamW
+// loop takes its square roots in this separate pass over a tile, with explicit vectors.
+template <typename T>
+void sqrt_scalar(T* x, int64_t from, int64_t n) {
+  for (int64_t k = from; k < n; ++k) x[k] = std::sqrt(x[k]);
+}
+
+#if SPARSEBERT_X86
+#define SPARSEBERT_DEFINE_VSQRT(name, isa, T, lanes, load, vsqrt, store) \
+  __attribute__((target(isa))) void name(T* x, int64_t n) {               \
+    int64_t k = 0;                                                         \
+    for (; k + (lanes) <= n; k += (lanes)) store(x + k, vsqrt(load(x + k))); \
+    sqrt_scalar(x, k, n);                                                  \
+  }
+SPARSEBERT_DEFINE_VSQRT(sqrt_avx512, "avx512f", float, 16, _mm512_loadu_ps, _mm512_sqrt_ps, _mm512_storeu_ps)
+SPARSEBERT_DEFINE_VSQRT(sqrt_avx512, "avx512f", double, 8, _mm512_loadu_pd, _mm512_sqrt_pd, _mm512_storeu_pd)
+SPARSEBERT_DEFINE_VSQRT(sqrt_avx2, "avx2", float, 8, _mm256_loadu_ps, _mm256_sqrt_ps, _mm256_storeu_ps)
+SPARSEBERT_DEFINE_VSQRT(sqrt_avx2, "avx2", double, 4, _mm256_loadu_pd, _mm256_sqrt_pd, _mm256_storeu_pd)
+SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", float, 4, _mm_loadu_ps, _mm_sqrt_ps, _mm_storeu_ps)
+SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", double, 2, _mm_loadu_pd, _mm_sqrt_pd, _mm_storeu_pd)
+#undef SPARSEBERT_DEFINE_VSQRT
+#endif
+
+template <typename T>
+void sqrt_inplace(T* x, int64_t n) {
+#if SPARSEBERT_X86
+  static const int isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+  if (isa == 2) return sqrt_avx512(x, n);
+  if (isa == 1) return sqrt_avx2(x, n);
+  return sqrt_sse2(x, n);
+#else
+  sqrt_scalar(x, 0, n);
+#endif
+}
+
+template <typename T>
+struct TensorPtrs {
+  T* param;
+  const T* grad;
+  T* state[2];            // null past the op's number of state tensors
+  const uint8_t* mask;    // null: dense parameter
+  int64_t cols;           // last dimension (masked tensors)
+  int64_t packed_cols;    // bytes per mask row
+};
+
+template <typename T>
+T* advance(T* ptr, int64_t by) {
+  return ptr == nullptr ? nullptr : ptr + by;
+}
+
+// Calls f(mask_row, c0, n, flat) for each piece of the flat range [begin, end) that lies in
+// one row: elements [c0, c0 + n) of that row, starting at flat index `flat`.
+template <typename T, class F>
+void for_each_row_segment(const TensorPtrs<T>& t, int64_t begin, int64_t end, F&& f) {
+  int64_t row = begin / t.cols;
+  int64_t c0 = begin - row * t.cols;
+  for (int64_t flat = begin; flat < end; ++row, c0 = 0) {
+    const int64_t n = std::min(t.cols - c0, end - flat);
+    f(t.mask + row * t.packed_cols, c0, n, flat);
+    flat += n;
+  }
+}
+
+// Dense-state update of n <= kTile consecutive elements. kMasked: keep[k] says whether
+// element k is kept; pruned elements and their state are written 0 (the select also drops
+// whatever a NaN gradient at a pruned position computed).
+template <class Op, typename T, bool kMasked>
+SPARSEBERT_CLONES void update_tile(const Op op, T* __restrict p, const T* __restrict g, T* __restrict s0,
+                                   T* __restrict s1, const uint8_t* __restrict keep, int64_t n) {
+  auto load_state = [&](int64_t k, T* s) {
+    if constexpr (Op::kStates > 0) s[0] = s0[k];
+    if constexpr (Op::kStates > 1) s[1] = s1[k];
+  };
+  auto store = [&](T* dst, int64_t k, T value) { dst[k] = (!kMasked || keep[k]) ? value : T(0); };
+  auto store_state = [&](int64_t k, const T* s) {
+    if constexpr (Op::kStates > 0) store(s0, k, s[0]);
+    if constexpr (Op::kStates > 1) store(s1, k, s[1]);
+  };
+  if constexpr (Op::kSqrt) {
+    alignas(64) T p_buf[kTile];
+    alignas(64) T root[kTile];
+    for (int64_t k = 0; k < n; ++k) {
+      T pk = p[k];
+      T s[2] = {T(0), T(0)};
+      load_state(k, s);
+      root[k] = op.moments(pk, g[k], s);
+      p_buf[k] = pk;
+      store_state(k, s);
+    }
+    sqrt_inplace(root, n);
+    for (int64_t k = 0; k < n; ++k) {
+      T pk = p_buf[k];
+      T s[2] = {T(0), T(0)};
+      load_state(k, s);
+      op.apply(pk, s, root[k]);
+      store(p, k, pk);
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      T pk = p[k];
+      T s[2] = {T(0), T(0)};
+      load_state(k, s);
+      op(pk, g[k], s);
+      store(p, k, pk);
+      store_state(k, s);
+    }
+  }
+}
+
+template <class Op, typename T>
+void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end) {
+  if (t.mask == nullptr) {
+    for (int64_t b = begin; b < end; b += kTile) {
+      update_tile<Op, T, false>(op, t.param + b, t.grad + b, advance(t.state[0], b), advance(t.state[1], b), nullptr,
+                                std::min(kTile, end - b));
+    }
+    return;
+  }
+  for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
+    uint8_t keep_buf[kTile + 8];
+    for (int64_t k = 0; k < n; k += kTile) {
+      const int64_t m = std::min(kTile, n - k);
+      const uint8_t* keep = expand_bits(mask_row, c0 + k, m, keep_buf);
+      const int64_t at = flat + k;
+      update_tile<Op, T, true>(op, t.param + at, t.grad + at, advance(t.state[0], at), advance(t.state[1], at), keep, m);
+    }
+  });
+}
+
+// Compact state: element j of the row (bits [c0, c0 + n)) is updated with state entry
+// `kept`, which counts the kept elements before it. Pruned elements are neither read nor
+// written. Returns the updated `kept`.
+template <class Op, typename T>
+SPARSEBERT_CLONES int64_t update_segment_compact(const Op op, T* __restrict p_row, const T* __restrict g_row,
+                                                 T* __restrict s0, T* __restrict s1, const uint8_t* mask_row,
+                                                 int64_t c0, int64_t n, int64_t kept) {
+  const int64_t stop = c0 + n;
+  for (int64_t j = c0; j < stop;) {
+    const int64_t span = std::min<int64_t>(8 - (j & 7), stop - j);
+    unsigned bits = (mask_row[j >> 3] >> (j & 7)) & ((1u << span) - 1);
+    while (bits != 0) {
+      const int64_t e = j + std::countr_zero(bits);
+      bits &= bits - 1;
+      T pk = p_row[e];
+      T s[2] = {T(0), T(0)};
+      if constexpr (Op::kStates > 0) s[0] = s0[kept];
+      if constexpr (Op::kStates > 1) s[1] = s1[kept];
+      op(pk, g_row[e], s);
+      p_row[e] = pk;
+      if constexpr (Op::kStates > 0) s0[kept] = s[0];
+      if constexpr (Op::kStates > 1) s1[kept] = s[1];
+      ++kept;
+    }
+    j += span;
+  }
+  return kept;
+}
+
+template <class Op, typename T>
+void update_chunk_compact(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end, int64_t kept) {
+  for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
+    const int64_t row_start = flat - c0;
+    kept = update_segment_compact(op, t.param + row_start, t.grad + row_start, t.state[0], t.state[1], mask_row, c0,
+                                  n, kept);
+  });
+}
+
+// Whether any of n gradients (only kept ones when kMasked) is NaN or Inf: an all-ones exponent.
+template <typename T, bool kMasked>
+SPARSEBERT_CLONES bool any_nonfinite(const T* __restrict g, const uint8_t* __restrict keep, int64_t n) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  Bits bad = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    Bits bits;
+    std::memcpy(&bits, g + k, sizeof(T));
+    const Bits nonfinite = (bits & kExponent) == kExponent;
+    bad |= kMasked ? nonfinite & keep[k] : nonfinite;
+  }
+  return bad != 0;
+}
+
+template <typename T>
+bool chunk_nonfinite(const TensorPtrs<T>& t, int64_t begin, int64_t end) {
+  if (t.mask == nullptr) return any_nonfinite<T, false>(t.grad + begin, nullptr, end - begin);
+  bool bad = false;
+  for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
+    uint8_t keep_buf[kTile + 8];
+    for (int64_t k = 0; k < n && !bad; k += kTile) {
+      const int64_t m = std::min(kTile, n - k);
+      bad = any_nonfinite<T, true>(t.grad + flat + k, expand_bits(mask_row, c0 + k, m, keep_buf), m);
+    }
+  });
+  return bad;
+}
+
+template <class Op, typename T>
+void run_step(const char* name, const Op& op, at::TensorList params, at::TensorList grads,
+              const std::vector<StateList>& states, const c10::List<std::optional<at::Tensor>>& masks, bool compact,
+              bool check_finite) {
+  std::vector<TensorPtrs<T>> tensors(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TensorPtrs<T>& t = tensors[i];
+    t.param = params[i].data_ptr<T>();
+    t.grad = grads[i].const_data_ptr<T>();
+    for (size_t s = 0; s < 2; ++s) {
+      t.state[s] = s < states.size() && !states[s].tensors.empty() ? states[s].tensors[i].data_ptr<T>() : nullptr;
+    }
+    t.mask = nullptr;
+    if (is_masked(masks, i)) {
+      const at::Tensor mask = *masks.get(i);
+      t.mask = mask.const_data_ptr<uint8_t>();
+      t.cols = params[i].size(-1);
+      t.packed_cols = mask.size(-1);
+    }
+  }
+  const std::vector<Chunk> chunks = plan_chunks(params);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+
+  if (check_finite) {
+    std::vector<uint8_t> bad(chunks.size(), 0);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) bad[c] = chunk_nonfinite(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end);
+    });
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t i = chunks[c].tensor;
+      TORCH_CHECK(!bad[c], name, ": grads[", i, "] contains NaN or Inf",
+                  tensors[i].mask != nullptr ? " at a kept position" : "",
+                  "; nothing was updated (check_finite=True)");
+    }
+  }
+
+  // Compact mode: kept_before[c] is the state index of the first kept weight of chunk c.
+  std::vector<int64_t> kept_before;
+  if (compact) {
+    kept_before.assign(chunks.size(), 0);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const TensorPtrs<T>& t = tensors[chunks[c].tensor];
+        if (t.mask == nullptr) continue;
+        int64_t count = 0;
+        for_each_row_segment(t, chunks[c].begin, chunks[c].end,
+                             [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t) { count += count_bits(mask_row, c0, n); });
+        kept_before[c] = count;
+      }
+    });
+    std::vector<int64_t> kept(params.size(), 0);
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t count = kept_before[c];
+      kept_before[c] = kept[chunks[c].tensor];
+      kept[chunks[c].tensor] += count;
+    }
+    check_compact_lengths(name, states, masks, kept);
+  }
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const TensorPtrs<T>& t = tensors[chunks[c].tensor];
+      if (compact && t.mask != nullptr) {
+        update_chunk_compact(op, t, chunks[c].begin, chunks[c].end, kept_before[c]);
+      } else {
+        update_chunk_dense(op, t, chunks[c].begin, chunks[c].end);
+      }
+    }
+  });
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      const c10::List<std::optional<at::Tensor>>& masks, int64_t step, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, bool maximize, bool compact, bool check_finite) {
+  const char* name = "masked_adamw_";
+  const std::vector<StateList> states = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  check_step_args(name, params, grads, states, /*states_may_be_empty=*/false, masks, compact, {at::kFloat, at::kDouble},
+                  /*allow_float_state=*/false);
+  TORCH_CHECK(step >= 1, name, ": step counts from 1, got ", step);
+  if (params.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "masked_adamw_cpu", [&] {
+    run_step<AdamWUpdate<scalar_t>, scalar_t>(name, make_adamw<scalar_t>(step, lr, beta1, beta2, eps, weight_decay, maximize),
+                                              params, grads, states, masks, compact, check_finite);
+  });
+}
+
+void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    const c10::List<std::optional<at::Tensor>>& masks, double lr, double momentum, double dampening,
+                    double weight_decay, bool nesterov, bool first_step, bool maximize, bool compact,
+                    bool check_finite) {
+  const char* name = "masked_sgd_";
+  const bool has_momentum = momentum != 0.0;
+  const std::vector<StateList> states = {{"momentum_buffers", momentum_buffers}};
+  check_step_args(name, params, grads, states, /*states_may_be_empty=*/!has_momentum, masks, compact,
+                  {at::kFloat, at::kDouble}, /*allow_float_state=*/false);
+  TORCH_CHECK(has_momentum || momentum_buffers.empty(), name, ": momentum is 0, so momentum_buffers must be empty (got ",
+              momentum_buffers.size(), ")");
+  if (params.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "masked_sgd_cpu", [&] {
+    if (has_momentum) {
+      run_step<SgdUpdate<scalar_t, true>, scalar_t>(
+          name, make_sgd<scalar_t, true>(lr, momentum, dampening, weight_decay, nesterov, first_step, maximize), params,
+          grads, states, masks, compact, check_finite);
+    } else {
+      run_step<SgdUpdate<scalar_t, false>, scalar_t>(
+          name, make_sgd<scalar_t, false>(lr, momentum, dampening, weight_decay, nesterov, first_step, maximize), params,
+          grads, {}, masks, compact, check_finite);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace sparsebert::optim
+
+TORCH_LIBRARY_IMPL(sparsebert, CPU, m) {
+  m.impl("masked_adamw_", &sparsebert::optim::masked_adamw_cpu);
+  m.impl("masked_sgd_", &sparsebert::optim::masked_sgd_cpu);
+}
