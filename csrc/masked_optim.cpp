@@ -6,6 +6,11 @@
 // (compact mode: the state offset of each chunk, and the state lengths to check), then the
 // update pass. Dense-state chunks run a vectorized loop over tiles whose mask bits were
 // expanded a byte (8 elements) at a time; compact chunks walk the set bits.
+
+// No fused multiply-adds: every operation rounds as in torch's own kernels, and the compact
+// and dense loops (vectorized differently) agree bit for bit.
+#pragma GCC optimize("fp-contract=off")
+
 #include "masked_optim.h"
 
 #include <ATen/Dispatch.h>
@@ -19,9 +24,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define SPARSEBERT_X86 1
-// The update loops are compiled for each ISA and picked at load time. The compact and
-// dense loops both carry the clones, so that both contract to the same fused multiply-adds
-// and agree bit for bit.
+// The update loops are compiled for each ISA and picked at load time.
 #define SPARSEBERT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SPARSEBERT_X86 0
