@@ -21,6 +21,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define SPARSEBERT_X86 1
@@ -36,26 +37,43 @@ namespace {
 
 constexpr int64_t kTile = 256;  // elements per inner vector loop (its buffers live on the stack)
 
-static_assert(std::endian::native == std::endian::little, "kBitBytes is laid out for a little-endian machine");
+// Lane masks: the mask bits of a tile expanded to one all-ones (kept) or all-zeros (pruned)
+// word per element, as wide as the element, so that keeping or zeroing a value is a bitwise AND.
+// They are read from a table rather than computed from the bits: GCC recognizes a computed
+// 0/-1 mask as a select, sinks the update into a branch under it and, floating point being
+// allowed to trap, then does not vectorize the loop.
+template <typename T>
+using LaneBits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
 
-// kBitBytes[b] read as 8 bytes in memory: byte k is bit k of b (0 or 1).
-constexpr std::array<uint64_t, 256> make_bit_bytes() {
-  std::array<uint64_t, 256> table{};
+template <typename Bits>
+constexpr std::array<std::array<Bits, 8>, 256> make_lane_masks() {
+  std::array<std::array<Bits, 8>, 256> table{};
   for (int b = 0; b < 256; ++b) {
-    for (int k = 0; k < 8; ++k) table[b] |= static_cast<uint64_t>((b >> k) & 1) << (8 * k);
+    for (int k = 0; k < 8; ++k) table[b][k] = ((b >> k) & 1) ? ~Bits(0) : Bits(0);
   }
   return table;
 }
-constexpr std::array<uint64_t, 256> kBitBytes = make_bit_bytes();
+template <typename Bits>
+constexpr std::array<std::array<Bits, 8>, 256> kLaneMasks = make_lane_masks<Bits>();
 
-// The bits [c0, c0 + n) of a mask row as one byte (0/1) per element, n <= kTile; `buf` holds
-// kTile + 8 bytes. The returned pointer is element c0.
-inline const uint8_t* expand_bits(const uint8_t* mask_row, int64_t c0, int64_t n, uint8_t* buf) {
+// The lane masks of bits [c0, c0 + n) of a mask row, n <= kTile; `buf` holds kTile + 8
+// words. The returned pointer is element c0.
+template <typename Bits>
+const Bits* expand_bits(const uint8_t* mask_row, int64_t c0, int64_t n, Bits* buf) {
   const uint8_t* bytes = mask_row + (c0 >> 3);
   const int64_t skip = c0 & 7;
   const int64_t count = (skip + n + 7) >> 3;
-  for (int64_t b = 0; b < count; ++b) std::memcpy(buf + 8 * b, &kBitBytes[bytes[b]], 8);
+  for (int64_t b = 0; b < count; ++b) std::memcpy(buf + 8 * b, kLaneMasks<Bits>[bytes[b]].data(), 8 * sizeof(Bits));
   return buf + skip;
+}
+
+template <typename T>
+T and_bits(T value, LaneBits<T> mask) {
+  LaneBits<T> bits;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits &= mask;
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
 }
 
 // Number of set bits among bits [c0, c0 + n) of a mask row.
@@ -89,6 +107,9 @@ void sqrt_scalar(T* x, int64_t from, int64_t n) {
 }
 
 #if SPARSEBERT_X86
+// GCC 12's own _mm512_undefined_* trip -Wmaybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define SPARSEBERT_DEFINE_VSQRT(name, isa, T, lanes, load, vsqrt, store) \
   __attribute__((target(isa))) void name(T* x, int64_t n) {               \
     int64_t k = 0;                                                         \
@@ -102,6 +123,7 @@ SPARSEBERT_DEFINE_VSQRT(sqrt_avx2, "avx2", double, 4, _mm256_loadu_pd, _mm256_sq
 SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", float, 4, _mm_loadu_ps, _mm_sqrt_ps, _mm_storeu_ps)
 SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", double, 2, _mm_loadu_pd, _mm_sqrt_pd, _mm_storeu_pd)
 #undef SPARSEBERT_DEFINE_VSQRT
+#pragma GCC diagnostic pop
 #endif
 
 template <typename T>
@@ -144,20 +166,23 @@ void for_each_row_segment(const TensorPtrs<T>& t, int64_t begin, int64_t end, F&
   }
 }
 
-// Dense-state update of n <= kTile consecutive elements. kMasked: keep[k] says whether
-// element k is kept; pruned elements and their state are written 0 (the select also drops
+// Dense-state update of n <= kTile consecutive elements. kMasked: keep[k] is the lane mask
+// of element k; pruned elements and their state are written 0 (the select also drops
 // whatever a NaN gradient at a pruned position computed).
 template <class Op, typename T, bool kMasked>
 SPARSEBERT_CLONES void update_tile(const Op op, T* __restrict p, const T* __restrict g, T* __restrict s0,
-                                   T* __restrict s1, const uint8_t* __restrict keep, int64_t n) {
+                                   T* __restrict s1, const LaneBits<T>* __restrict keep, int64_t n) {
   auto load_state = [&](int64_t k, T* s) {
     if constexpr (Op::kStates > 0) s[0] = s0[k];
     if constexpr (Op::kStates > 1) s[1] = s1[k];
   };
-  auto store = [&](T* dst, int64_t k, T value) { dst[k] = (!kMasked || keep[k]) ? value : T(0); };
+  auto select = [&](int64_t k, T value) {
+    if constexpr (kMasked) value = and_bits(value, keep[k]);  // 0 where pruned, also for NaN
+    return value;
+  };
   auto store_state = [&](int64_t k, const T* s) {
-    if constexpr (Op::kStates > 0) store(s0, k, s[0]);
-    if constexpr (Op::kStates > 1) store(s1, k, s[1]);
+    if constexpr (Op::kStates > 0) s0[k] = select(k, s[0]);
+    if constexpr (Op::kStates > 1) s1[k] = select(k, s[1]);
   };
   if constexpr (Op::kSqrt) {
     alignas(64) T p_buf[kTile];
@@ -176,7 +201,7 @@ SPARSEBERT_CLONES void update_tile(const Op op, T* __restrict p, const T* __rest
       T s[2] = {T(0), T(0)};
       load_state(k, s);
       op.apply(pk, s, root[k]);
-      store(p, k, pk);
+      p[k] = select(k, pk);
     }
   } else {
     for (int64_t k = 0; k < n; ++k) {
@@ -184,7 +209,7 @@ SPARSEBERT_CLONES void update_tile(const Op op, T* __restrict p, const T* __rest
       T s[2] = {T(0), T(0)};
       load_state(k, s);
       op(pk, g[k], s);
-      store(p, k, pk);
+      p[k] = select(k, pk);
       store_state(k, s);
     }
   }
@@ -200,10 +225,10 @@ void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int
     return;
   }
   for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
-    uint8_t keep_buf[kTile + 8];
+    alignas(64) LaneBits<T> keep_buf[kTile + 8];
     for (int64_t k = 0; k < n; k += kTile) {
       const int64_t m = std::min(kTile, n - k);
-      const uint8_t* keep = expand_bits(mask_row, c0 + k, m, keep_buf);
+      const LaneBits<T>* keep = expand_bits(mask_row, c0 + k, m, keep_buf);
       const int64_t at = flat + k;
       update_tile<Op, T, true>(op, t.param + at, t.grad + at, advance(t.state[0], at), advance(t.state[1], at), keep, m);
     }
@@ -250,8 +275,8 @@ void update_chunk_compact(const Op& op, const TensorPtrs<T>& t, int64_t begin, i
 
 // Whether any of n gradients (only kept ones when kMasked) is NaN or Inf: an all-ones exponent.
 template <typename T, bool kMasked>
-SPARSEBERT_CLONES bool any_nonfinite(const T* __restrict g, const uint8_t* __restrict keep, int64_t n) {
-  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+SPARSEBERT_CLONES bool any_nonfinite(const T* __restrict g, const LaneBits<T>* __restrict keep, int64_t n) {
+  using Bits = LaneBits<T>;
   constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
   Bits bad = 0;
   for (int64_t k = 0; k < n; ++k) {
@@ -268,7 +293,7 @@ bool chunk_nonfinite(const TensorPtrs<T>& t, int64_t begin, int64_t end) {
   if (t.mask == nullptr) return any_nonfinite<T, false>(t.grad + begin, nullptr, end - begin);
   bool bad = false;
   for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
-    uint8_t keep_buf[kTile + 8];
+    alignas(64) LaneBits<T> keep_buf[kTile + 8];
     for (int64_t k = 0; k < n && !bad; k += kTile) {
       const int64_t m = std::min(kTile, n - k);
       bad = any_nonfinite<T, true>(t.grad + flat + k, expand_bits(mask_row, c0 + k, m, keep_buf), m);
