@@ -77,7 +77,10 @@ T and_bits(T value, LaneBits<T> mask) {
 }
 
 // Number of set bits among bits [c0, c0 + n) of a mask row.
-inline int64_t count_bits(const uint8_t* mask_row, int64_t c0, int64_t n) {
+#if SPARSEBERT_X86
+__attribute__((target_clones("popcnt", "default")))  // else std::popcount is a libgcc call
+#endif
+int64_t count_bits(const uint8_t* mask_row, int64_t c0, int64_t n) {
   int64_t total = 0;
   int64_t j = c0;
   const int64_t stop = c0 + n;
@@ -166,7 +169,7 @@ void for_each_row_segment(const TensorPtrs<T>& t, int64_t begin, int64_t end, F&
   }
 }
 
-// Dense-state update of n <= kTile consecutive elements. kMasked: keep[k] is the lane mask
+// Dense-state update of n <= kTile (its buffers' size) consecutive elements. kMasked: keep[k] is the lane mask
 // of element k; pruned elements and their state are written 0 (the select also drops
 // whatever a NaN gradient at a pruned position computed).
 template <class Op, typename T, bool kMasked>
@@ -235,42 +238,104 @@ void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int
   });
 }
 
-// Compact state: element j of the row (bits [c0, c0 + n)) is updated with state entry
-// `kept`, which counts the kept elements before it. Pruned elements are neither read nor
-// written. Returns the updated `kept`.
-template <class Op, typename T>
-SPARSEBERT_CLONES int64_t update_segment_compact(const Op op, T* __restrict p_row, const T* __restrict g_row,
-                                                 T* __restrict s0, T* __restrict s1, const uint8_t* mask_row,
-                                                 int64_t c0, int64_t n, int64_t kept) {
-  const int64_t stop = c0 + n;
-  for (int64_t j = c0; j < stop;) {
-    const int64_t span = std::min<int64_t>(8 - (j & 7), stop - j);
-    unsigned bits = (mask_row[j >> 3] >> (j & 7)) & ((1u << span) - 1);
-    while (bits != 0) {
-      const int64_t e = j + std::countr_zero(bits);
-      bits &= bits - 1;
-      T pk = p_row[e];
-      T s[2] = {T(0), T(0)};
-      if constexpr (Op::kStates > 0) s[0] = s0[kept];
-      if constexpr (Op::kStates > 1) s[1] = s1[kept];
-      op(pk, g_row[e], s);
-      p_row[e] = pk;
-      if constexpr (Op::kStates > 0) s0[kept] = s[0];
-      if constexpr (Op::kStates > 1) s1[kept] = s[1];
-      ++kept;
-    }
-    j += span;
-  }
-  return kept;
+// Bits [j, j + len) of a mask row, len <= 16, reading only the bytes they lie in.
+inline uint32_t mask_bits(const uint8_t* mask_row, int64_t j, int64_t len) {
+  const int64_t first = j >> 3;
+  const int64_t last = (j + len - 1) >> 3;
+  uint32_t word = 0;
+  for (int64_t b = first; b <= last; ++b) word |= static_cast<uint32_t>(mask_row[b]) << (8 * (b - first));
+  return (word >> (j & 7)) & ((1u << len) - 1);
 }
 
+// Appends the kept elements among p[0, m), g[0, m) (mask bits [c0, c0 + m) of the row) and
+// their positions (offset + k) to the output buffers, which need 16 elements of slack.
+// Returns how many were kept. Branch-free: it stores every element and advances past kept ones.
+template <typename T>
+int64_t compact_kept_scalar(const T* p, const T* g, const uint8_t* mask_row, int64_t c0, int64_t m, int32_t offset,
+                            T* p_out, T* g_out, int32_t* position_out) {
+  int64_t c = 0;
+  for (int64_t k0 = 0; k0 < m; k0 += 16) {
+    const int64_t len = std::min<int64_t>(16, m - k0);
+    const uint32_t bits = mask_bits(mask_row, c0 + k0, len);
+    for (int64_t k = 0; k < len; ++k) {
+      p_out[c] = p[k0 + k];
+      g_out[c] = g[k0 + k];
+      position_out[c] = offset + static_cast<int32_t>(k0 + k);
+      c += (bits >> k) & 1;
+    }
+  }
+  return c;
+}
+
+#if SPARSEBERT_X86
+// The same with AVX-512 register compression, 16 floats at a time.
+__attribute__((target("avx512f,popcnt"))) int64_t compact_kept_avx512(const float* p, const float* g, const uint8_t* mask_row,
+                                                               int64_t c0, int64_t m, int32_t offset, float* p_out,
+                                                               float* g_out, int32_t* position_out) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = 0;
+  for (int64_t k = 0; k < m; k += 16) {
+    const int64_t len = std::min<int64_t>(16, m - k);
+    const __mmask16 kept = static_cast<__mmask16>(mask_bits(mask_row, c0 + k, len));
+    if (kept == 0) continue;
+    const __m512 pv = _mm512_maskz_loadu_ps(kept, p + k);  // pruned lanes are not read
+    const __m512 gv = _mm512_maskz_loadu_ps(kept, g + k);
+    const __m512i position = _mm512_add_epi32(lanes, _mm512_set1_epi32(offset + static_cast<int32_t>(k)));
+    _mm512_storeu_ps(p_out + c, _mm512_maskz_compress_ps(kept, pv));
+    _mm512_storeu_ps(g_out + c, _mm512_maskz_compress_ps(kept, gv));
+    _mm512_storeu_si512(position_out + c, _mm512_maskz_compress_epi32(kept, position));
+    c += std::popcount(static_cast<unsigned>(kept));
+  }
+  return c;
+}
+#endif
+
+template <typename T>
+int64_t compact_kept(const T* p, const T* g, const uint8_t* mask_row, int64_t c0, int64_t m, int32_t offset, T* p_out,
+                     T* g_out, int32_t* position_out) {
+#if SPARSEBERT_X86
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+    if (avx512) return compact_kept_avx512(p, g, mask_row, c0, m, offset, p_out, g_out, position_out);
+  }
+#endif
+  return compact_kept_scalar(p, g, mask_row, c0, m, offset, p_out, g_out, position_out);
+}
+
+// Compact state: the kept weights of a chunk, in order, use consecutive state entries from
+// `kept` on. The chunk is streamed a tile at a time: the kept weights and gradients are
+// compacted into contiguous buffers (sequential reads, which the hardware prefetches; walking
+// the set bits with scattered loads was 3x slower), the same vector loop as for dense
+// parameters updates them with the contiguous state (so compact and dense state agree bit for
+// bit), and the weights go back to their positions. Pruned weights are not written.
 template <class Op, typename T>
 void update_chunk_compact(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end, int64_t kept) {
+  constexpr int64_t kBuffer = 4 * kTile;
+  alignas(64) T p_buf[kBuffer + 16];
+  alignas(64) T g_buf[kBuffer + 16];
+  alignas(64) int32_t position[kBuffer + 16];  // relative to begin
+  int64_t count = 0;
+  T* const param = t.param + begin;
+  const T* const grad = t.grad + begin;
+  auto flush = [&] {
+    for (int64_t i = 0; i < count; i += kTile) {  // update_tile takes at most kTile elements
+      update_tile<Op, T, false>(op, p_buf + i, g_buf + i, advance(t.state[0], kept + i), advance(t.state[1], kept + i),
+                                nullptr, std::min(kTile, count - i));
+    }
+    for (int64_t i = 0; i < count; ++i) param[position[i]] = p_buf[i];
+    kept += count;
+    count = 0;
+  };
   for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
-    const int64_t row_start = flat - c0;
-    kept = update_segment_compact(op, t.param + row_start, t.grad + row_start, t.state[0], t.state[1], mask_row, c0,
-                                  n, kept);
+    for (int64_t k0 = 0; k0 < n; k0 += kTile) {
+      const int64_t m = std::min(kTile, n - k0);
+      const int32_t offset = static_cast<int32_t>(flat + k0 - begin);
+      if (count + m > kBuffer) flush();
+      count += compact_kept(param + offset, grad + offset, mask_row, c0 + k0, m, offset, p_buf + count, g_buf + count,
+                            position + count);
+    }
   });
+  if (count > 0) flush();
 }
 
 // Whether any of n gradients (only kept ones when kMasked) is NaN or Inf: an all-ones exponent.
