@@ -5,7 +5,8 @@
 // the NaN/Inf check of the gradients (check_finite), the popcount of every chunk of a mask
 // (compact mode: the state offset of each chunk, and the state lengths to check), then the
 // update pass. Dense-state chunks run a vectorized loop over tiles whose mask bits were
-// expanded a byte (8 elements) at a time; compact chunks walk the set bits.
+// expanded a byte (8 elements) at a time; compact chunks compact their kept weights into
+// buffers and run the same loop on those.
 
 // No fused multiply-adds: every operation rounds as in torch's own kernels, and the compact
 // and dense loops (vectorized differently) agree bit for bit.

@@ -13,7 +13,7 @@ State modes:
 * ``compact=True``: the state of a masked parameter is 1-D, one entry per kept weight in
   row-major order (10% of the memory at 90% sparsity), numerically the same as AdamW/SGD over
   the kept weights alone. It needs a locked mask: the state is built at the first step from the
-  mask of that moment (pruned weights are then zeroed once; the step itself never touches
+  mask of that moment (pruned weights are then zeroed once; the step itself never writes
   them). A later change of the mask's popcount raises; to change the mask on purpose, call
   :meth:`compact_state_` (kept positions keep their state, new ones start at 0). A change
   that keeps the popcount cannot be detected cheaply and silently shifts the state: don't.

@@ -4,7 +4,8 @@ Both ops take lists of tensors (one call updates a whole parameter list) and a l
 bit-packed masks, ``None`` for a dense parameter (biases, LayerNorm). At pruned positions the
 gradient counts as 0 and the weight is written 0; with dense state the state there is
 written 0 too. With ``compact=True`` the state of a masked parameter is 1-D, one entry per
-kept weight in row-major order, and pruned positions are neither read nor written.
+kept weight in row-major order, and pruned positions are not written (they must already
+be 0: MaskedAdamW/MaskedSGD zero them when they compact the state).
 
 Requirements (checked, with an error naming the argument, before anything is written):
 equal list lengths; every tensor contiguous and on one device; one parameter dtype per call
