@@ -241,6 +241,7 @@ void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int
 
 // Bits [j, j + len) of a mask row, len <= 16, reading only the bytes they lie in.
 inline uint32_t mask_bits(const uint8_t* mask_row, int64_t j, int64_t len) {
+  if (len == 16 && (j & 7) == 0) return mask_row[j >> 3] | static_cast<uint32_t>(mask_row[(j >> 3) + 1]) << 8;
   const int64_t first = j >> 3;
   const int64_t last = (j + len - 1) >> 3;
   uint32_t word = 0;
@@ -356,7 +357,10 @@ SPARSEBERT_CLONES bool any_nonfinite(const T* __restrict g, const LaneBits<T>* _
 
 template <typename T>
 bool chunk_nonfinite(const TensorPtrs<T>& t, int64_t begin, int64_t end) {
-  if (t.mask == nullptr) return any_nonfinite<T, false>(t.grad + begin, nullptr, end - begin);
+  // NaN/Inf being rare, the cheap unmasked scan decides almost always; the mask is only
+  // consulted for a chunk that has one somewhere.
+  if (!any_nonfinite<T, false>(t.grad + begin, nullptr, end - begin)) return false;
+  if (t.mask == nullptr) return true;
   bool bad = false;
   for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
     alignas(64) LaneBits<T> keep_buf[kTile + 8];
