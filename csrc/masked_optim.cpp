@@ -280,8 +280,9 @@ __attribute__((target("avx512f,popcnt"))) int64_t compact_kept_avx512(const floa
     const int64_t len = std::min<int64_t>(16, m - k);
     const __mmask16 kept = static_cast<__mmask16>(mask_bits(mask_row, c0 + k, len));
     if (kept == 0) continue;
-    const __m512 pv = _mm512_maskz_loadu_ps(kept, p + k);  // pruned lanes are not read
-    const __m512 gv = _mm512_maskz_loadu_ps(kept, g + k);
+    // Whole-vector loads where the tile allows (masked loads are slow on some CPUs).
+    const __m512 pv = len == 16 ? _mm512_loadu_ps(p + k) : _mm512_maskz_loadu_ps(kept, p + k);
+    const __m512 gv = len == 16 ? _mm512_loadu_ps(g + k) : _mm512_maskz_loadu_ps(kept, g + k);
     const __m512i position = _mm512_add_epi32(lanes, _mm512_set1_epi32(offset + static_cast<int32_t>(k)));
     _mm512_storeu_ps(p_out + c, _mm512_maskz_compress_ps(kept, pv));
     _mm512_storeu_ps(g_out + c, _mm512_maskz_compress_ps(kept, gv));
