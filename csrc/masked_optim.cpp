@@ -1,12 +1,12 @@
 // CPU kernels of masked_adamw_ and masked_sgd_.
 //
 // Every tensor is cut into chunks of kChunkElems elements; the chunks of all tensors form one
-// flat work list for at::parallel_for. Up to three read-only passes come before any write:
-// the NaN/Inf check of the gradients (check_finite), the popcount of every chunk of a mask
-// (compact mode: the state offset of each chunk, and the state lengths to check), then the
-// update pass. Dense-state chunks run a vectorized loop over tiles whose mask bits were
-// expanded a byte (8 elements) at a time; compact chunks compact their kept weights into
-// buffers and run the same loop on those.
+// flat work list that the threads of at::parallel_for take from a shared counter. Up to three
+// read-only passes come before any write: the NaN/Inf check of the gradients (check_finite),
+// the popcount of every chunk of a mask (compact mode: the state offset of each chunk, and the
+// state lengths to check), then the update pass. Dense-state chunks run a vectorized loop
+// over tiles whose mask bits were expanded a byte (8 elements) at a time; compact chunks
+// compact their kept weights into buffers and run the same loop on those.
 
 // No fused multiply-adds: every operation rounds as in torch's own kernels, and the compact
 // and dense loops (vectorized differently) agree bit for bit.
@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <cstring>
 #include <type_traits>
@@ -373,6 +374,21 @@ bool chunk_nonfinite(const TensorPtrs<T>& t, int64_t begin, int64_t end) {
   return bad;
 }
 
+// f(c) for every chunk, in parallel. The threads take chunks from a shared counter instead of
+// a fixed half each: on a shared machine a descheduled thread then delays the pass by its
+// current chunk, not by its whole share (static halves made one step vary up to 2x).
+template <class F>
+void for_each_chunk(int64_t num_chunks, F&& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < num_chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(c);
+    }
+  });
+}
+
 template <class Op, typename T>
 void run_step(const char* name, const Op& op, at::TensorList params, at::TensorList grads,
               const std::vector<StateList>& states, const c10::List<std::optional<at::Tensor>>& masks, bool compact,
@@ -398,8 +414,8 @@ void run_step(const char* name, const Op& op, at::TensorList params, at::TensorL
 
   if (check_finite) {
     std::vector<uint8_t> bad(chunks.size(), 0);
-    at::parallel_for(0, num_chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) bad[c] = chunk_nonfinite(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end);
+    for_each_chunk(num_chunks, [&](int64_t c) {
+      bad[c] = chunk_nonfinite(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end);
     });
     for (int64_t c = 0; c < num_chunks; ++c) {
       const int64_t i = chunks[c].tensor;
@@ -413,15 +429,13 @@ void run_step(const char* name, const Op& op, at::TensorList params, at::TensorL
   std::vector<int64_t> kept_before;
   if (compact) {
     kept_before.assign(chunks.size(), 0);
-    at::parallel_for(0, num_chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        const TensorPtrs<T>& t = tensors[chunks[c].tensor];
-        if (t.mask == nullptr) continue;
-        int64_t count = 0;
-        for_each_row_segment(t, chunks[c].begin, chunks[c].end,
-                             [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t) { count += count_bits(mask_row, c0, n); });
-        kept_before[c] = count;
-      }
+    for_each_chunk(num_chunks, [&](int64_t c) {
+      const TensorPtrs<T>& t = tensors[chunks[c].tensor];
+      if (t.mask == nullptr) return;
+      int64_t count = 0;
+      for_each_row_segment(t, chunks[c].begin, chunks[c].end,
+                           [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t) { count += count_bits(mask_row, c0, n); });
+      kept_before[c] = count;
     });
     std::vector<int64_t> kept(params.size(), 0);
     for (int64_t c = 0; c < num_chunks; ++c) {
@@ -432,14 +446,12 @@ void run_step(const char* name, const Op& op, at::TensorList params, at::TensorL
     check_compact_lengths(name, states, masks, kept);
   }
 
-  at::parallel_for(0, num_chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const TensorPtrs<T>& t = tensors[chunks[c].tensor];
-      if (compact && t.mask != nullptr) {
-        update_chunk_compact(op, t, chunks[c].begin, chunks[c].end, kept_before[c]);
-      } else {
-        update_chunk_dense(op, t, chunks[c].begin, chunks[c].end);
-      }
+  for_each_chunk(num_chunks, [&](int64_t c) {
+    const TensorPtrs<T>& t = tensors[chunks[c].tensor];
+    if (compact && t.mask != nullptr) {
+      update_chunk_compact(op, t, chunks[c].begin, chunks[c].end, kept_before[c]);
+    } else {
+      update_chunk_dense(op, t, chunks[c].begin, chunks[c].end);
     }
   });
 }
