@@ -55,10 +55,8 @@ def kept(student, sparsity):
     return sum(m.weight.numel() - math.floor(sparsity * m.weight.numel()) for m in masked_modules(student).values())
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("oneshot-magnitude", {}), ("gradual-magnitude", {}), ("sparsebert-kap", {}), ("cap", {}),
-    ("cap", {"criterion": "soft-movement"}), ("cap", {"pattern": "structured", "sparsity": 0.5}),
-])
+# CAP's soft-movement and structured variants run on the tiny BERT in test_methods.py (time budget).
+@pytest.mark.parametrize("name,kw", [("oneshot-magnitude", {}), ("gradual-magnitude", {}), ("sparsebert-kap", {}), ("cap", {})])
 def test_downstream_method_reaches_target(minilm, name, kw):
     classifier, encoder, batch = minilm
     student, teacher = copy.deepcopy(classifier), copy.deepcopy(classifier).eval()
