@@ -37,7 +37,7 @@
 namespace sparsebert::optim {
 namespace {
 
-constexpr int64_t kTile = 256;  // elements per inner vector loop (its buffers live on the stack)
+constexpr int64_t kTile = 256;  // elements whose lane masks are expanded at a time (a stack buffer)
 
 // Lane masks: the mask bits of a tile expanded to one all-ones (kept) or all-zeros (pruned)
 // word per element, as wide as the element, so that keeping or zeroing a value is a bitwise AND.
@@ -104,45 +104,6 @@ int64_t count_bits(const uint8_t* mask_row, int64_t c0, int64_t n) {
   return total;
 }
 
-// GCC keeps sqrt scalar (it may set errno) unless built with -fno-math-errno, so the AdamW
-// loop takes its square roots in this separate pass over a tile, with explicit vectors.
-template <typename T>
-void sqrt_scalar(T* x, int64_t from, int64_t n) {
-  for (int64_t k = from; k < n; ++k) x[k] = std::sqrt(x[k]);
-}
-
-#if SPARSEBERT_X86
-// GCC 12's own _mm512_undefined_* trip -Wmaybe-uninitialized.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define SPARSEBERT_DEFINE_VSQRT(name, isa, T, lanes, load, vsqrt, store) \
-  __attribute__((target(isa))) void name(T* x, int64_t n) {               \
-    int64_t k = 0;                                                         \
-    for (; k + (lanes) <= n; k += (lanes)) store(x + k, vsqrt(load(x + k))); \
-    sqrt_scalar(x, k, n);                                                  \
-  }
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx512, "avx512f", float, 16, _mm512_loadu_ps, _mm512_sqrt_ps, _mm512_storeu_ps)
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx512, "avx512f", double, 8, _mm512_loadu_pd, _mm512_sqrt_pd, _mm512_storeu_pd)
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx2, "avx2", float, 8, _mm256_loadu_ps, _mm256_sqrt_ps, _mm256_storeu_ps)
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx2, "avx2", double, 4, _mm256_loadu_pd, _mm256_sqrt_pd, _mm256_storeu_pd)
-SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", float, 4, _mm_loadu_ps, _mm_sqrt_ps, _mm_storeu_ps)
-SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", double, 2, _mm_loadu_pd, _mm_sqrt_pd, _mm_storeu_pd)
-#undef SPARSEBERT_DEFINE_VSQRT
-#pragma GCC diagnostic pop
-#endif
-
-template <typename T>
-void sqrt_inplace(T* x, int64_t n) {
-#if SPARSEBERT_X86
-  static const int isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
-  if (isa == 2) return sqrt_avx512(x, n);
-  if (isa == 1) return sqrt_avx2(x, n);
-  return sqrt_sse2(x, n);
-#else
-  sqrt_scalar(x, 0, n);
-#endif
-}
-
 template <typename T>
 struct TensorPtrs {
   T* param;
@@ -171,7 +132,7 @@ void for_each_row_segment(const TensorPtrs<T>& t, int64_t begin, int64_t end, F&
   }
 }
 
-// Dense-state update of n <= kTile (its buffers' size) consecutive elements. kMasked: keep[k] is the lane mask
+// Dense-state update of n consecutive elements. kMasked: keep[k] is the lane mask
 // of element k; pruned elements and their state are written 0 (the select also drops
 // whatever a NaN gradient at a pruned position computed).
 template <class Op, typename T, bool kMasked>
@@ -189,44 +150,22 @@ SPARSEBERT_CLONES void update_tile(const Op op, T* __restrict p, const T* __rest
     if constexpr (Op::kStates > 0) s0[k] = select(k, s[0]);
     if constexpr (Op::kStates > 1) s1[k] = select(k, s[1]);
   };
-  if constexpr (Op::kSqrt) {
-    alignas(64) T p_buf[kTile];
-    alignas(64) T root[kTile];
-    for (int64_t k = 0; k < n; ++k) {
-      T pk = p[k];
-      T s[2] = {T(0), T(0)};
-      load_state(k, s);
-      root[k] = op.moments(pk, g[k], s);
-      p_buf[k] = pk;
-      store_state(k, s);
-    }
-    sqrt_inplace(root, n);
-    for (int64_t k = 0; k < n; ++k) {
-      T pk = p_buf[k];
-      T s[2] = {T(0), T(0)};
-      load_state(k, s);
-      op.apply(pk, s, root[k]);
-      p[k] = select(k, pk);
-    }
-  } else {
-    for (int64_t k = 0; k < n; ++k) {
-      T pk = p[k];
-      T s[2] = {T(0), T(0)};
-      load_state(k, s);
-      op(pk, g[k], s);
-      p[k] = select(k, pk);
-      store_state(k, s);
-    }
+  // One pass: with -fno-math-errno (CMakeLists.txt) GCC vectorizes the square root inline.
+  for (int64_t k = 0; k < n; ++k) {
+    T pk = p[k];
+    T s[2] = {T(0), T(0)};
+    load_state(k, s);
+    op(pk, g[k], s);
+    p[k] = select(k, pk);
+    store_state(k, s);
   }
 }
 
 template <class Op, typename T>
 void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end) {
   if (t.mask == nullptr) {
-    for (int64_t b = begin; b < end; b += kTile) {
-      update_tile<Op, T, false>(op, t.param + b, t.grad + b, advance(t.state[0], b), advance(t.state[1], b), nullptr,
-                                std::min(kTile, end - b));
-    }
+    update_tile<Op, T, false>(op, t.param + begin, t.grad + begin, advance(t.state[0], begin),
+                              advance(t.state[1], begin), nullptr, end - begin);
     return;
   }
   for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
@@ -322,10 +261,7 @@ void update_chunk_compact(const Op& op, const TensorPtrs<T>& t, int64_t begin, i
   T* const param = t.param + begin;
   const T* const grad = t.grad + begin;
   auto flush = [&] {
-    for (int64_t i = 0; i < count; i += kTile) {  // update_tile takes at most kTile elements
-      update_tile<Op, T, false>(op, p_buf + i, g_buf + i, advance(t.state[0], kept + i), advance(t.state[1], kept + i),
-                                nullptr, std::min(kTile, count - i));
-    }
+    update_tile<Op, T, false>(op, p_buf, g_buf, advance(t.state[0], kept), advance(t.state[1], kept), nullptr, count);
     for (int64_t i = 0; i < count; ++i) param[position[i]] = p_buf[i];
     kept += count;
     count = 0;
