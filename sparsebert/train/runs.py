@@ -136,10 +136,14 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
-def kill_hook(point: str, step: int) -> None:
-    """Test hook: SPARSEBERT_KILL_AT=<point>:<step> SIGKILLs this process there (point: step | checkpoint)."""
+def kill_hook(point: str, step: int, where: str = "") -> None:
+    """Test hook: SPARSEBERT_KILL_AT=[<run dir name>@]<point>:<step> SIGKILLs this process there
+    (point: step = after that step's checkpoint/eval, checkpoint = halfway through writing one)."""
     spec = os.environ.get("SPARSEBERT_KILL_AT")
-    if spec and spec == f"{point}:{step}":
+    if not spec:
+        return
+    name, _, at = spec.rpartition("@")
+    if at == f"{point}:{step}" and (not name or name == where):
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -250,7 +254,7 @@ class Run:
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             (tmp / "trainer.json").write_text(json.dumps(state, default=float))
-            kill_hook("checkpoint", step)
+            kill_hook("checkpoint", step, self.dir.name)
             files = sorted(p.name for p in tmp.iterdir())
             manifest = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                         for name in files}

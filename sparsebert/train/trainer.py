@@ -143,6 +143,6 @@ class Trainer:
                 self._do_eval(started, start_step)
             if self.step % self.t["checkpoint_every"] == 0 or self.step == self.total_steps:
                 self.checkpoint()
-            kill_hook("step", self.step)
+            kill_hook("step", self.step, self.run.dir.name)
         bar.close()
         return self.evals[-1] if self.evals else self._do_eval(started, start_step)
