@@ -229,6 +229,13 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
                 S.preflight(c, model_exists=False)
     else:
         S.preflight(cfg)
+    if resume:  # a corrupted checkpoint is refused now, not after the models are built
+        subs = [Path(resume) / name for name in cfg["stages"]] if stage == "pipeline" else [Path(resume)]
+        for sub in subs:
+            if (sub / "config.json").is_file() and not Run(sub).done:
+                ckpt = Run(sub).latest_checkpoint()
+                if ckpt is not None:
+                    Run.verify(ckpt)
     if plan_note:
         print(plan_note)
     print_plan(cfg)

@@ -125,9 +125,12 @@ def export_model(model, tokenizer, out_dir: Path) -> Path:
 
 def runtime(cfg: dict) -> torch.device:
     _quiet_transformers()
-    r = cfg["run"]
-    if r["threads"]:
-        torch.set_num_threads(int(r["threads"]))
+    if cfg["run"]["threads"]:
+        torch.set_num_threads(int(cfg["run"]["threads"]))
+    return resolve_device(cfg["run"])
+
+
+def resolve_device(r: dict) -> torch.device:
     dev = r["device"]
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +153,7 @@ def seed_everything(seed: int) -> None:
 def preflight(cfg: dict, *, model_exists: bool = True) -> None:
     """Every check that needs no training: raise StageError with a clear message."""
     stage = cfg["stage"]
+    resolve_device(cfg["run"])
     try:
         if stage in ("teacher", "downstream", "evaluate") or (stage == "pipeline"):
             for task in (cfg["data"].get("tasks") or [cfg["data"]["task"]]):
