@@ -207,18 +207,16 @@ def validate_values(cfg: dict) -> None:
 
 
 def check_sparsities(node: Any, path: str = "method") -> None:
-    """Every numeric method field named *sparsity* must be a fraction in [0, 1)."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            check_sparsities(v, f"{path}.{k}") if isinstance(v, (dict, list)) else None
-            if "sparsity" in str(k).lower():
-                values = v if isinstance(v, list) else [v]
-                for x in values:
-                    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x < 1.0:
-                        raise ConfigError(f"{path}.{k} must be a sparsity in [0, 1), got {v!r}")
-    elif isinstance(node, list):
-        for i, x in enumerate(node):
-            check_sparsities(x, f"{path}[{i}]")
+    """Every numeric method field named *sparsity* / *sparsities* must be a fraction in [0, 1)."""
+    if not isinstance(node, dict):
+        return
+    for k, v in node.items():
+        if isinstance(v, dict):
+            check_sparsities(v, f"{path}.{k}")
+        elif "sparsit" in str(k).lower() and v is not None:
+            for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x < 1.0:
+                    raise ConfigError(f"{path}.{k} must be a sparsity in [0, 1), got {v!r}")
 
 
 def comparable(cfg: dict) -> dict:
