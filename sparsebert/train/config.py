@@ -215,6 +215,8 @@ def check_sparsities(node: Any, path: str = "method") -> None:
             check_sparsities(v, f"{path}.{k}")
         elif "sparsit" in str(k).lower() and v is not None:
             for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, str):  # e.g. sparsity_pattern: "4:8" is the method's to judge
+                    continue
                 if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x < 1.0:
                     raise ConfigError(f"{path}.{k} must be a sparsity in [0, 1), got {v!r}")
 
