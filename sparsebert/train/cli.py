@@ -218,15 +218,8 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
         print(C.dump(cfg))
         return 0
     if stage == "pipeline":
-        first = next(iter(cfg["stages"].values()))
-        S.preflight({**cfg["stages"]["upstream"], "stage": "pipeline",
-                     "data": {**first["data"], "tasks": [c["data"]["task"] for c in cfg["stages"].values()
-                                                         if c["stage"] == "downstream"],
-                              "corpus": cfg["stages"]["upstream"]["data"]["corpus"],
-                              "eval_corpus": cfg["stages"]["upstream"]["data"]["eval_corpus"]}})
-        for c in cfg["stages"].values():
-            if c["stage"] == "downstream":
-                S.preflight(c, model_exists=False)
+        for c in cfg["stages"].values():  # later stages read models that earlier ones will write
+            S.preflight(c, model_exists=c["stage"] != "downstream")
     else:
         S.preflight(cfg)
     if resume:  # a corrupted checkpoint is refused now, not after the models are built

@@ -56,6 +56,12 @@ DEFAULTS: dict[str, Any] = {
     "downstream": {"training": {"lr": 5e-5, "epochs": 3.0}},
     "evaluate": {"training": {}},
     "method": {"name": "prune-ofa"},  # teacher stage: always "dense"
+    # which models a method uses (None = as its recipe's `models:` section says, else the stage's usual):
+    "roles": {
+        "student": None,           # downstream: upstream (pipeline: the upstream output) | pretrained
+        "teacher": None,           # downstream: finetuned | none | pretrained
+        "pretrained": None,        # downstream: true = pass the frozen pre-trained encoder (CAP's PrC)
+    },
     "run": {
         "out_dir": "runs",         # a new run dir is made under it, unless run.dir is given
         "dir": None,
@@ -134,6 +140,11 @@ def check_known_keys(user: dict) -> None:
                 **{s: {"training": DEFAULTS["training"]} for s in STAGE_SECTIONS}}, "")
 
 
+# recipe `training:` keys that configure another section here, and keys the trainer derives itself
+RECIPE_TRAINING_MAP = {"max_seq_len": "data.max_len"}
+RECIPE_TRAINING_DERIVED = ("objective",)  # from the task (downstream) or the model's head (upstream)
+
+
 def load_recipe(method: str, stage: str) -> dict:
     """The library's recipe for (method, stage), or {} when it has none (yet)."""
     try:
@@ -144,7 +155,27 @@ def load_recipe(method: str, stage: str) -> dict:
         recipe = lib_load_recipe(method, stage)
     except (FileNotFoundError, KeyError):
         return {}
+    except ValueError as e:  # a recipe that names unknown options, or an unknown method
+        if "unknown method" in str(e):
+            return {}
+        raise ConfigError(f"recipe {method}/{stage}: {e}") from None
     return recipe or {}
+
+
+def split_recipe_training(training: dict) -> tuple[dict, dict]:
+    """A recipe's `training:` section -> (training fields, other dotted fields such as data.max_len)."""
+    own, other = {}, {}
+    for k, v in (training or {}).items():
+        if k in RECIPE_TRAINING_MAP:
+            other[RECIPE_TRAINING_MAP[k]] = v
+        elif k in RECIPE_TRAINING_DERIVED:
+            continue
+        elif k in DEFAULTS["training"]:
+            own[k] = v
+        else:
+            import warnings
+            warnings.warn(f"recipe training.{k} is not a trainer setting; ignored", stacklevel=2)
+    return own, other
 
 
 def resolve(stage: str, user: dict) -> dict:
@@ -153,7 +184,11 @@ def resolve(stage: str, user: dict) -> dict:
     method_name = "dense" if stage == "teacher" else get_path(user, "method.name", DEFAULTS["method"]["name"])
     recipe = load_recipe(method_name, stage) if stage != "evaluate" else {}
     training = merge(DEFAULTS["training"], DEFAULTS[stage]["training"] if stage in STAGE_SECTIONS else {})
-    training = merge(training, recipe.get("training", {}) or {})
+    recipe_training, recipe_other = split_recipe_training(recipe.get("training"))
+    recipe_layer: dict = {}
+    for dotted, value in recipe_other.items():
+        set_path(recipe_layer, dotted, value)
+    training = merge(training, recipe_training)
     training = merge(training, user.get("training", {}))
     training = merge(training, get_path(user, f"{stage}.training", {}) or {})
     method = {"name": method_name}
@@ -163,9 +198,11 @@ def resolve(stage: str, user: dict) -> dict:
     cfg = {
         "stage": stage,
         "model": merge(DEFAULTS["model"], user.get("model", {})),
-        "data": merge(DEFAULTS["data"], user.get("data", {})),
+        "data": merge(merge(DEFAULTS["data"], recipe_layer.get("data", {})), user.get("data", {})),
         "training": training,
         "method": method,
+        "roles": merge(merge(DEFAULTS["roles"], {k: v for k, v in (recipe.get("models") or {}).items()
+                                                  if k in DEFAULTS["roles"]}), user.get("roles", {})),
         "run": merge(DEFAULTS["run"], user.get("run", {})),
     }
     if cfg["run"]["smoke"]:

@@ -94,7 +94,8 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
         ax.plot(*zip(*pts), marker="o", label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)
@@ -110,7 +111,8 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
     ax.set_xlabel("step")
     ax.set_ylabel("sparsity")
     ax.set_ylim(-0.02, 1.0)
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "sparsity.png", dpi=100)

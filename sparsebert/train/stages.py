@@ -173,8 +173,9 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
         if isinstance(e, StageError):
             raise
         raise StageError(str(e)) from None
-    if model_exists:
-        check_model(cfg["model"]["name"])
+    if not model_exists:  # a pipeline's downstream: its models are written by the earlier stages
+        return
+    check_model(cfg["model"]["name"])
     if stage == "downstream" and cfg["model"]["teacher"]:
         check_model(cfg["model"]["teacher"], "teacher")
     if stage == "downstream" and cfg["model"]["pretrained"]:
@@ -314,8 +315,10 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
             if teacher.config.num_labels != num_labels:
                 raise StageError(f"teacher {cfg['model']['teacher']} has {teacher.config.num_labels} labels, "
                                  f"task {task.name} has {num_labels}")
-        if stage == "downstream" and cfg["model"]["pretrained"]:
-            pretrained = frozen(load_model(cfg["model"]["pretrained"], "representation").to(device))
+        roles = cfg.get("roles", {})
+        if stage == "downstream" and (cfg["model"]["pretrained"] or roles.get("pretrained")):
+            pretrained = frozen(load_model(cfg["model"]["pretrained"] or cfg["model"]["name"],
+                                           "representation").to(device))
 
         def evaluate(model=student):
             res = eval_task(model, task, dev_f, tokenizer.pad_token_id, t["eval_batch_size"], device,
@@ -384,7 +387,8 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     from sparsebert.methods import MethodContext, get_method
     steps_per_epoch, total_steps = schedule(len(train_f), t)
     method = get_method(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
-    ctx = MethodContext(student=student, teacher=teacher, pretrained=pretrained, objective=objective,
+    method_teacher = None if cfg.get("roles", {}).get("teacher") == "none" and stage != "upstream" else teacher
+    ctx = MethodContext(student=student, teacher=method_teacher, pretrained=pretrained, objective=objective,
                         num_labels=num_labels, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                         train_size=len(train_f), device=device)
     try:
@@ -420,34 +424,41 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
 
 # ---- pipeline ---------------------------------------------------------------------------------
 
+def student_role(cfg: dict) -> str:
+    return cfg.get("roles", {}).get("student") or "upstream"
+
+
 def pipeline_plan(user: dict) -> list[tuple[str, dict]]:
-    """(sub-run name, resolved config) for teacher per task, upstream, downstream per task.
-    Model paths of later stages point into the pipeline dir (filled in by run_pipeline)."""
+    """(sub-run name, resolved config): teacher per task, upstream (when a downstream student starts from
+    it, as the method's recipe says), downstream per task. Model paths are linked by link_plan."""
     base = C.resolve("downstream", user)
     tasks = base["data"]["tasks"] or [base["data"]["task"]]
     if isinstance(tasks, str):
         tasks = [x for x in tasks.split(",") if x]
-    plan = []
+    teachers, downs = [], []
     for task in tasks:
         u = C.merge(user, {"data": {"task": task, "tasks": None}})
-        plan.append((f"teacher-{task}", C.resolve("teacher", u)))
-    plan.append(("upstream", C.resolve("upstream", C.merge(user, {"data": {"tasks": None}}))))
-    for task in tasks:
-        u = C.merge(user, {"data": {"task": task, "tasks": None}})
-        plan.append((f"downstream-{task}", C.resolve("downstream", u)))
-    return plan
+        teachers.append((f"teacher-{task}", C.resolve("teacher", u)))
+        downs.append((f"downstream-{task}", C.resolve("downstream", u)))
+    ups = []
+    if any(student_role(cfg) == "upstream" for _, cfg in downs):
+        ups.append(("upstream", C.resolve("upstream", C.merge(user, {"data": {"tasks": None}}))))
+    return teachers + ups + downs
 
 
 def link_plan(plan: list[tuple[str, dict]], root: Path) -> list[tuple[str, dict]]:
+    """Point each downstream at its inputs in the pipeline dir: the upstream output (or the pre-trained
+    model) as student, its task's fine-tuned teacher, and the pre-trained model when the method uses it."""
     out = []
     original = plan[0][1]["model"]["name"]
     for name, cfg in plan:
         cfg = copy.deepcopy(cfg)
         cfg["run"]["dir"] = str(root / name)
         if cfg["stage"] == "downstream":
-            cfg["model"]["name"] = str(root / "upstream" / "model")
+            if student_role(cfg) == "upstream":
+                cfg["model"]["name"] = str(root / "upstream" / "model")
             cfg["model"]["teacher"] = str(root / f"teacher-{cfg['data']['task']}" / "model")
-            if cfg["method"]["name"] == "cap" and not cfg["model"]["pretrained"]:
+            if cfg["roles"].get("pretrained") and not cfg["model"]["pretrained"]:
                 cfg["model"]["pretrained"] = original
         out.append((name, cfg))
     return out
