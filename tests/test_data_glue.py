@@ -76,3 +76,4 @@ def test_pydoc_topics_task():
     assert task.num_labels == 5 and len(train) > 500 and len(dev) > 100
     assert not {e["text_a"] for e in train} & {e["text_a"] for e in dev}
     assert {e["label"] for e in train} == set(range(5))
+    assert {e["label"] for e in train[:32]} == set(range(5))  # a prefix holds every class

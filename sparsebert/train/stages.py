@@ -107,16 +107,14 @@ def frozen(model):
 
 
 def export_model(model, tokenizer, out_dir: Path) -> Path:
-    """The final model for plain transformers: masks folded into the weights when the library can."""
+    """The final model for plain transformers: masks folded into the weights (pruned weights stored as
+    zeros) by the library's export when the model was sparsified, else save_pretrained."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    exporter = None
-    if importlib.util.find_spec("sparsebert.sparsity") and importlib.util.find_spec("sparsebert.sparsity.checkpoint"):
-        from sparsebert.sparsity import checkpoint as ck
-        exporter = getattr(ck, "export_pretrained", None) or getattr(ck, "export", None)
-    if exporter is not None:
-        exporter(model, str(out_dir))
-    else:
-        model.save_pretrained(out_dir)
+    if hasattr(model, "sparsebert_config") and importlib.util.find_spec("sparsebert.sparsity") is not None:
+        from sparsebert.sparsity import export_dense
+        export_dense(model, out_dir, tokenizer=tokenizer)
+        return out_dir
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
