@@ -36,3 +36,18 @@ def test_budget_scaling():
     slow_user, est, scaled = default.fit_to_budget(user, cfg, 5.0)
     assert scaled and slow_user["upstream"]["training"]["max_steps"] < 80
     assert est <= default.TARGET_S or slow_user["upstream"]["training"]["max_steps"] == default.MIN_STEPS
+
+
+def test_pipeline_refits_later_stages_to_the_budget():
+    from sparsebert.train.stages import fit_stage_to_budget
+    stages = {n: {"stage": s, "training": {"max_steps": 80, "checkpoint_every": 40}}
+              for n, s in (("teacher-x", "teacher"), ("upstream", "upstream"), ("downstream-x", "downstream"))}
+    pcfg = {"stages": stages, "budget": {"target_s": 600, "min_steps": 12, "cost": default.COST}}
+    fast = [{"stage": "teacher", "results": {"time_s": 80.0, "steps": 80}}]  # 1 s a step: 80*2 + 80*1.6 fits
+    assert not fit_stage_to_budget(pcfg, "upstream", fast)
+    slow = [{"stage": "teacher", "results": {"time_s": 400.0, "steps": 80}}]  # 5 s a step: 200 s left
+    assert fit_stage_to_budget(pcfg, "upstream", slow)
+    # 200 s left for 80*2*5 + 80*1.6*5 = 1440 s of work -> 80 * 200/1440 = 11 -> the floor, 12
+    assert stages["upstream"]["training"]["max_steps"] == 12 and stages["upstream"]["training"]["checkpoint_every"] == 12
+    assert stages["downstream-x"]["training"]["max_steps"] == 80  # refitted when its turn comes
+    assert not fit_stage_to_budget({"stages": stages}, "upstream", slow)  # no budget: never changed

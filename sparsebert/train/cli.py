@@ -198,7 +198,7 @@ def _main(argv: list[str]) -> int:
 
 
 def run_command(stage: str, user: dict, resume: str | None = None, print_config: bool = False,
-                plan_note: str | None = None) -> int:
+                plan_note: str | None = None, budget: dict | None = None) -> int:
     from . import stages as S
     from .runs import Run
     if resume:
@@ -214,6 +214,8 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
         cfg = saved
     else:
         cfg = resolve_pipeline(user) if stage == "pipeline" else C.resolve(stage, user)
+        if budget and stage == "pipeline":
+            cfg["budget"] = budget
     if print_config:
         print(C.dump(cfg))
         return 0

@@ -462,8 +462,39 @@ def link_plan(plan: list[tuple[str, dict]], root: Path) -> list[tuple[str, dict]
     return out
 
 
+def fit_stage_to_budget(pcfg: dict, name: str, done: list[dict]) -> bool:
+    """With a time budget (pcfg["budget"], the default run), give the next stage fewer steps when the
+    stages so far ran slower than planned. Measured: seconds per cost-weighted step of the stages done
+    (model loads and evaluations included). Returns whether the stage's config changed."""
+    budget = pcfg.get("budget")
+    if not budget or not done:
+        return False
+    cost = budget["cost"]
+    spent = sum(d["results"].get("time_s", 0.0) for d in done)
+    work = sum(d["results"].get("steps", 0) * cost.get(d["stage"], 1.0) for d in done)
+    if work <= 0:
+        return False
+    rate = spent / work
+    names = list(pcfg["stages"])
+    left = [n for n in names[names.index(name):]]
+    planned = sum(pcfg["stages"][n]["training"]["max_steps"] * cost.get(pcfg["stages"][n]["stage"], 1.0) * rate
+                  for n in left)
+    remaining = budget["target_s"] - spent
+    if planned <= remaining:
+        return False
+    t = pcfg["stages"][name]["training"]
+    steps = max(budget["min_steps"], int(t["max_steps"] * max(0.0, remaining) / planned))
+    if steps >= t["max_steps"]:
+        return False
+    tqdm.write(f"[pipeline] {name}: {t['max_steps']} -> {steps} steps to stay within the time budget "
+               f"({spent:.0f} s spent, {rate:.2f} s per step measured)")
+    t["max_steps"] = steps
+    t["checkpoint_every"] = min(t["checkpoint_every"], steps)
+    return True
+
+
 def run_pipeline(pcfg: dict, run: Run) -> dict:
-    """pcfg: {stage: pipeline, user: overrides, stages: {name: resolved config}}."""
+    """pcfg: {stage: pipeline, user: overrides, stages: {name: resolved config}, budget: optional}."""
     stages = []
     for name, cfg in pcfg["stages"].items():
         sub_dir = run.dir / name
@@ -471,6 +502,8 @@ def run_pipeline(pcfg: dict, run: Run) -> dict:
             sub, resumed = Run.open(sub_dir), True
             sub.check_same_config(cfg)
         else:
+            if fit_stage_to_budget(pcfg, name, stages):
+                run.write_config(pcfg)  # the saved plan is what ran, so a resume agrees with it
             sub, resumed = Run.create(cfg, sub_dir), False
         if sub.done:
             tqdm.write(f"[pipeline] {name}: done earlier, reusing {sub_dir}")
