@@ -229,7 +229,7 @@ class Run:
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop what was logged after the checkpoint, so the log reads as one run."""
-        keep = [r for r in self.metrics() if r.get("step", 0) <= step and not r.get("after_resume_point")]
+        keep = [r for r in self.metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
     # ---- checkpoints -----------------------------------------------------------------------------

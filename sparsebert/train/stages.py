@@ -397,9 +397,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     trainer = Trainer(cfg=cfg, run=run, method=method, model=student, train_features=train_f, make_batch=make_batch,
                       evaluate=evaluate, device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                       label=f"{stage}{'-' + cfg['data']['task'] if stage != 'upstream' else ''}")
-    if resumed:
-        trainer.resume()
-    else:
+    if not (resumed and trainer.resume()):
         seed_everything(t["seed"])  # model/method set-up may have drawn numbers; training starts from the seed
     tqdm.write(f"[{trainer.label}] {cfg['method']['name']} | objective {objective} | {len(train_f)} examples | "
                f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}")

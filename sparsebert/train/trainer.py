@@ -62,7 +62,8 @@ class Trainer:
 
     def resume(self) -> bool:
         ckpt = self.run.latest_checkpoint()
-        if ckpt is None:
+        if ckpt is None:  # killed before its first checkpoint: start over, forgetting what it logged
+            self.run.truncate_metrics(0)
             return False
         state = Run.load_checkpoint(ckpt, self.model, self.optimizer, self.method, self.scaler)
         self.step = state["step"]
