@@ -130,3 +130,11 @@ def test_pipeline(env, method):
     # a finished pipeline resumed does nothing and keeps its results
     assert main(["--resume", str(run)]) == 0
     assert json.loads((run / "done.json").read_text()) == summary
+
+
+def test_bf16_autocast_on_cpu(env):
+    run = env["root"] / "bf16"
+    assert main(["teacher", "--model", str(env["mlm"]), "--task", "stsb", "--max-steps", "2", "--precision", "bf16",
+                 *common(env, run)]) == 0
+    results = json.loads((run / "done.json").read_text())
+    assert results["objective"] == "regression" and {"dev/pearson", "dev/spearman"} <= set(results["final"])

@@ -79,3 +79,11 @@ def test_resume_from_different_config_and_corrupted_checkpoint(env, capsys, tmp_
     refused(capsys, ["--resume", str(run)], "optimizer.safetensors has 5 bytes")
     shutil.rmtree(ckpt)
     refused(capsys, ["--resume", str(run)], "is missing")
+
+
+def test_task_by_name_needs_datasets(env, capsys, tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    argv = [a for a in base(env, "teacher", tmp_path / "run") if a != str(env["glue"]) and a != "--data-dir"]
+    refused(capsys, argv, "no --data-dir given and the `datasets` package is not installed", tmp_path / "run")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 CACHE_VERSION = 1
 
@@ -86,7 +87,8 @@ def tokenize_examples(examples: list[dict], tokenizer, max_len: int, kind: str, 
     if arrays is None:
         ids, types = [], []
         step = 1000
-        for s in range(0, len(examples), step):
+        for s in tqdm(range(0, len(examples), step), desc=f"tokenizing {kind}", unit="k examples",
+                      disable=len(examples) < 20 * step, leave=False):
             chunk = examples[s:s + step]
             a = [e["text_a"] for e in chunk]
             b = [e["text_b"] for e in chunk] if chunk[0]["text_b"] is not None else None
@@ -105,7 +107,8 @@ def tokenize_corpus(docs: list[str], digest: str, tokenizer, max_len: int, kind:
     arrays = _load_cache(path)
     if arrays is None:
         stream: list[int] = []
-        for s in range(0, len(docs), 1000):
+        for s in tqdm(range(0, len(docs), 1000), desc=f"tokenizing {kind}", unit="k docs",
+                      disable=len(docs) < 20_000, leave=False):
             for ids in tokenizer(docs[s:s + 1000], add_special_tokens=False)["input_ids"]:
                 stream += ids
         width = max_len - 2
