@@ -87,3 +87,11 @@ def test_task_by_name_needs_datasets(env, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
     argv = [a for a in base(env, "teacher", tmp_path / "run") if a != str(env["glue"]) and a != "--data-dir"]
     refused(capsys, argv, "no --data-dir given and the `datasets` package is not installed", tmp_path / "run")
+
+
+def test_dense_upstream_without_mlm_head(env, capsys, tmp_path):
+    enc = make_model(tmp_path / "enc", mlm=False)
+    run = tmp_path / "run"
+    refused(capsys, ["pipeline", "--model", str(enc), "--method", "dense", "--corpus", str(env["corpus"]),
+                     "--tasks", "rte", "--data-dir", str(env["glue"]), "--run-dir", str(run)],
+            "needs a model with an MLM head", run)

@@ -174,6 +174,11 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
     if not model_exists:  # a pipeline's downstream: its models are written by the earlier stages
         return
     check_model(cfg["model"]["name"])
+    if stage == "upstream" and cfg["method"]["name"] == "dense" and (
+            cfg["data"]["objective"] == "representation"
+            or (cfg["data"]["objective"] == "auto" and not has_mlm_head(cfg["model"]["name"]))):
+        raise StageError(f"upstream with method 'dense' needs a model with an MLM head; {cfg['model']['name']!r} "
+                         "has none (its objective would be representation distillation, which needs a pruning method)")
     if stage == "downstream" and cfg["model"]["teacher"]:
         check_model(cfg["model"]["teacher"], "teacher")
     if stage == "downstream" and cfg["model"]["pretrained"]:
