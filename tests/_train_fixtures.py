@@ -99,9 +99,9 @@ class MagnitudeDistill(Method):
     encoder's linear layers at `prune_at`, masks kept in the method state and re-applied every step."""
     name = "test-magnitude"
 
-    def __init__(self, final_sparsity: float = 0.5, prune_at: int = 2, warmup_ratio: float = 0.1):
+    def __init__(self, sparsity: float = 0.5, prune_at: int = 2, warmup_ratio: float = 0.1):
         super().__init__(warmup_ratio)
-        self.final_sparsity, self.prune_at = final_sparsity, prune_at
+        self.sparsity, self.prune_at = sparsity, prune_at
         self.masks: dict[str, torch.Tensor] = {}
 
     def _linears(self):
@@ -130,13 +130,13 @@ class MagnitudeDistill(Method):
     def after_step(self, step):
         if step == self.prune_at:
             for name, m in self._linears():
-                k = int(self.final_sparsity * m.weight.numel())
+                k = int(self.sparsity * m.weight.numel())
                 thresh = m.weight.abs().flatten().kthvalue(k).values if k else -1.0
                 self.masks[name] = (m.weight.abs() > thresh)
         for name, m in self._linears():
             if name in self.masks:
                 m.weight.mul_(self.masks[name])
-        return {"sparsity": self.final_sparsity if self.masks else 0.0} if step == self.prune_at else {}
+        return {"sparsity": self.sparsity if self.masks else 0.0} if step == self.prune_at else {}
 
     def state_dict(self):
         return {"masks": {k: v.to(torch.uint8) for k, v in self.masks.items()}}

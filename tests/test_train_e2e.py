@@ -77,7 +77,7 @@ def test_upstream_mlm_dense(env):
 def test_upstream_representation_prunes(env):
     run = env["root"] / "up-rep"
     assert main(["upstream", "--model", str(env["enc"]), "--method", "test-magnitude", "--corpus", str(env["corpus"]),
-                 "--max-steps", "5", "--set", "method.final_sparsity=0.5", *common(env, run)]) == 0
+                 "--max-steps", "5", "--set", "method.sparsity=0.5", *common(env, run)]) == 0
     results = json.loads((run / "done.json").read_text())
     assert results["objective"] == "representation" and "eval/cosine" in results["final"]
     assert results["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
@@ -92,7 +92,7 @@ def test_downstream_and_evaluate(env):
         pytest.skip("needs test_teacher's output")
     run = env["root"] / "down"
     assert main(["downstream", "--model", str(env["mlm"]), "--teacher", str(teacher), "--task", "sst2",
-                 "--method", "test-magnitude", "--max-steps", "6", "--set", "method.final_sparsity=0.75",
+                 "--method", "test-magnitude", "--max-steps", "6", "--set", "method.sparsity=0.75",
                  *common(env, run)]) == 0
     results = json.loads((run / "done.json").read_text())
     assert results["reference"]["model"] == "teacher" and results["sparsity"]["overall"] == pytest.approx(0.75, abs=0.01)

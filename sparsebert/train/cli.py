@@ -27,13 +27,13 @@ Stages (subcommands):
 Examples:
   python -m sparsebert.train teacher --model minilm --task rte --data-dir ../shared/data/glue
   python -m sparsebert.train pipeline --method prune-ofa --corpus ../shared/data/wikitext-2/valid.txt \\
-      --tasks sst2,rte --data-dir ../shared/data/glue --set method.final_sparsity=0.9
+      --tasks sst2,rte --data-dir ../shared/data/glue --set method.sparsity=0.9
   python -m sparsebert.train --resume runs/20260101-120000-pipeline
 """
 
 OVERRIDES = """\
 Config: every field (see sparsebert/train/config.py) is overridable, last wins:
-  --set training.lr=3e-5 method.final_sparsity=0.9     (values are YAML: 3e-5, true, null, [sst2, rte])
+  --set training.lr=3e-5 method.sparsity=0.9           (values are YAML: 3e-5, true, null, [sst2, rte])
   --training.lr 3e-5  or  --training.lr=3e-5            (dotted flags)
   --upstream.training.epochs 2                          (stage-specific training settings)
 Precedence: defaults < stage defaults < the method's recipe (recipes/<method>/<stage>.yaml) < command line.
@@ -76,7 +76,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. training.lr=3e-5 method.final_sparsity=0.9")
+                   help="override any config field, e.g. training.lr=3e-5 method.sparsity=0.9")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="parent dir of new run dirs (default runs/)")
     g.add_argument("--run-dir", help="exact dir of this run")
