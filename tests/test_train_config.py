@@ -17,7 +17,8 @@ def overrides(argv):
     return cli.user_overrides(args, extra)
 
 
-def test_defaults_only():
+def test_defaults_only(monkeypatch):
+    monkeypatch.setattr(C, "load_recipe", lambda m, s: {})
     cfg = C.resolve("teacher", {})
     assert cfg["method"] == {"name": "dense"}
     assert cfg["training"]["lr"] == C.DEFAULTS["teacher"]["training"]["lr"]
@@ -56,7 +57,8 @@ def test_pipeline_resolves_each_stage(recipe):
     assert cfg["stages"]["upstream"]["training"]["lr"] == C.DEFAULTS["upstream"]["training"]["lr"]
 
 
-def test_config_hash_ignores_device_only():
+def test_config_hash_ignores_device_only(monkeypatch):
+    monkeypatch.setattr(C, "load_recipe", lambda m, s: {})
     a = C.resolve("teacher", {})
     b = C.resolve("teacher", {"run": {"device": "cuda"}})
     c = C.resolve("teacher", {"training": {"lr": 1.0}})
