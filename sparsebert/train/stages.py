@@ -93,9 +93,8 @@ def load_model(name: str, objective: str, num_labels: int = 0, task: glue.Task |
         model = tf.AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     elif objective == "mlm":
         model = tf.AutoModelForMaskedLM.from_pretrained(path)
-    else:
-        model = tf.AutoModel.from_pretrained(path, add_pooling_layer=False) \
-            if "bert" in type(tf.AutoConfig.from_pretrained(path)).__name__.lower() else tf.AutoModel.from_pretrained(path)
+    else:  # the pooler stays (untrained here) so that a classifier fine-tuned from the export inherits it
+        model = tf.AutoModel.from_pretrained(path)
     return model
 
 
