@@ -260,6 +260,7 @@ def check_sparsities(node: Any, path: str = "method") -> None:
 
 def comparable(cfg: dict) -> dict:
     out = copy.deepcopy(cfg)
+    out.pop("budget", None)  # the default run's time budget: how steps were planned, not what they are
     if isinstance(out.get("stages"), dict):
         out["stages"] = {k: comparable(v) for k, v in out["stages"].items()}
     for dotted in RESUME_FREE:
