@@ -94,6 +94,8 @@ def fit_to_budget(user: dict, cfg: dict, step_s: float) -> tuple[dict, float, bo
 
 def main(user_extra: dict, smoke: bool = False, print_config: bool = False, resume: str | None = None) -> int:
     from .cli import resolve_pipeline, run_command
+    if resume:  # the saved config is the plan (steps fitted to the budget included)
+        return run_command("pipeline", user_extra, resume=resume, print_config=print_config)
     user = C.merge(DEFAULT_USER, user_extra)
     if smoke:
         C.set_path(user, "run.smoke", True)
