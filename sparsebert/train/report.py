@@ -104,6 +104,8 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in sorted({k for r in train for k in r if "sparsity" in k}):
         pts = [(r["step"], r[key]) for r in train if key in r]
+        if train and pts[-1][0] < train[-1]["step"]:  # the value holds until the end
+            pts.append((train[-1]["step"], pts[-1][1]))
         ax.plot(*zip(*pts), drawstyle="steps-post", label=f"{key} (method)")
     pts = [(r["step"], r["sparsity"]) for r in evals if "sparsity" in r]
     if pts:
