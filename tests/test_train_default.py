@@ -43,7 +43,7 @@ def test_pipeline_refits_later_stages_to_the_budget():
     stages = {n: {"stage": s, "training": {"max_steps": 80, "checkpoint_every": 40}}
               for n, s in (("teacher-x", "teacher"), ("upstream", "upstream"), ("downstream-x", "downstream"))}
     cost = {"teacher": 1.0, "upstream": 2.0, "downstream": 1.6}
-    pcfg = {"stages": stages, "budget": {"target_s": 600, "min_steps": 12, "cost": cost}}
+    pcfg = {"stages": stages, "budget": {"target_s": 600, "min_steps": 12, "cost": cost, "overhead_s": 0}}
     fast = [{"stage": "teacher", "results": {"time_s": 80.0, "steps": 80}}]  # 1 s a step: 80*2 + 80*1.6 fits
     assert not fit_stage_to_budget(pcfg, "upstream", fast)
     slow = [{"stage": "teacher", "results": {"time_s": 400.0, "steps": 80}}]  # 5 s a step: 200 s left

@@ -472,7 +472,7 @@ def fit_stage_to_budget(pcfg: dict, name: str, done: list[dict]) -> bool:
     if not budget or not done:
         return False
     cost = budget["cost"]
-    spent = sum(d["results"].get("time_s", 0.0) for d in done)
+    spent = budget.get("overhead_s", 30.0) + sum(d["results"].get("time_s", 0.0) for d in done)
     work = sum(d["results"].get("steps", 0) * cost.get(d["stage"], 1.0) for d in done)
     if work <= 0:
         return False
