@@ -30,7 +30,7 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
     if packed.shape[-1] != (cols + 7) // 8:
         raise ValueError(f"unpack_mask: a row of {cols} elements packs into {(cols + 7) // 8} bytes, got {packed.shape[-1]}")
     bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
-    return bits.reshape(*packed.shape[:-1], -1)[..., :cols]
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :cols]
 
 
 def mask_nnz(packed: torch.Tensor) -> int:

@@ -1,2 +1,307 @@
-"""Placeholder until the topk op lands."""
-__all__: list[str] = []
+"""Top-k magnitude selection: bit-packed keep-masks of the largest scores.
+
+Every op ranks values by an order-preserving uint32 key of the value converted to float32
+(of ``|value|`` when ``use_abs``), so results are identical across dtypes' float32 images,
+devices and thread counts. Ties always go to the lower flat index (list order, then
+row-major). Masks are bit-packed (see :mod:`sparsebert.ops.mask`) and not differentiable.
+NaN or +-Inf in an input is an error.
+
+The global selection is a radix select: :func:`topk_histogram` passes narrow down the
+threshold key, :func:`topk_mask_from_threshold` writes the masks. :func:`topk_mask` does both in
+one call; :func:`find_threshold` drives the histogram passes from Python with an
+``all_reduce`` hook, for weights sharded over ranks.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .mask import pack_mask, unpack_mask
+
+__all__ = [
+    "topk_histogram",
+    "topk_mask_from_threshold",
+    "topk_mask",
+    "topk_mask_rows",
+    "nm_mask",
+    "find_threshold",
+    "topk_masks",
+    "key_to_value",
+]
+
+_ops = torch.ops.sparsebert
+
+
+def _mask_like(x: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], (x.shape[-1] + 7) // 8), dtype=torch.uint8)
+
+
+# --- topk_histogram ---------------------------------------------------------------------
+
+
+def topk_histogram(xs: Sequence[Tensor], use_abs: bool, prefix: int, prefix_bits: int, digit_bits: int) -> Tensor:
+    """int64 histogram (``2**digit_bits`` bins) of key bits
+    ``[32 - prefix_bits - digit_bits, 32 - prefix_bits)`` over the keys of all ``xs`` whose top
+    ``prefix_bits`` bits equal ``prefix``. ``digit_bits`` in [1, 16]. Histograms of shards add up,
+    which is what a distributed caller all-reduces."""
+    return _ops.topk_histogram(list(xs), use_abs, prefix, prefix_bits, digit_bits)
+
+
+@torch.library.register_fake("sparsebert::topk_histogram")
+def _(xs, use_abs, prefix, prefix_bits, digit_bits):
+    return xs[0].new_empty((1 << digit_bits,), dtype=torch.int64)
+
+
+# --- topk_mask_from_threshold -----------------------------------------------------------
+
+
+def topk_mask_from_threshold(xs: Sequence[Tensor], use_abs: bool, threshold_key: int, ties_to_keep: int) -> list[Tensor]:
+    """Packed masks keeping the keys > ``threshold_key`` and the first ``ties_to_keep`` keys equal
+    to it in flat order (list order, then row-major)."""
+    return _ops.topk_mask_from_threshold(list(xs), use_abs, threshold_key, ties_to_keep)
+
+
+@torch.library.register_fake("sparsebert::topk_mask_from_threshold")
+def _(xs, use_abs, threshold_key, ties_to_keep):
+    return [_mask_like(x) for x in xs]
+
+
+# --- topk_mask --------------------------------------------------------------------------
+
+
+def topk_mask(xs: Sequence[Tensor], k: int, use_abs: bool = True) -> tuple[list[Tensor], Tensor]:
+    """Packed masks of exactly the ``k`` largest values over all ``xs`` together, and the k-th
+    largest value (``|value|`` when ``use_abs``) as a 0-d float32 tensor (+inf for k = 0)."""
+    masks, threshold = _ops.topk_mask(list(xs), k, use_abs)
+    return list(masks), threshold
+
+
+@torch.library.register_fake("sparsebert::topk_mask")
+def _(xs, k, use_abs):
+    return [_mask_like(x) for x in xs], xs[0].new_empty((), dtype=torch.float32)
+
+
+# --- topk_mask_rows ---------------------------------------------------------------------
+
+
+def topk_mask_rows(x: Tensor, k: int, use_abs: bool = True) -> Tensor:
+    """Packed mask of exactly the ``k`` largest values of every row (last dimension); ties go to
+    the lower column."""
+    return _ops.topk_mask_rows(x, k, use_abs)
+
+
+@torch.library.register_fake("sparsebert::topk_mask_rows")
+def _(x, k, use_abs):
+    return _mask_like(x)
+
+
+# --- nm_mask ----------------------------------------------------------------------------
+
+
+def nm_mask(x: Tensor, n: int = 2, m: int = 4, use_abs: bool = True) -> Tensor:
+    """Packed N:M mask: the ``n`` largest of every ``m`` consecutive values along the last
+    dimension (which ``m`` must divide); ties go to the lower index."""
+    return _ops.nm_mask(x, n, m, use_abs)
+
+
+@torch.library.register_fake("sparsebert::nm_mask")
+def _(x, n, m, use_abs):
+    return _mask_like(x)
+
+
+# --- Python drivers ---------------------------------------------------------------------
+
+def key_to_value(key: int) -> float:
+    """The float32 value an order-preserving key stands for."""
+    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _select_bucket(hist: Tensor, k: int) -> tuple[int, int]:
+    """(bucket holding the k-th largest, count strictly above it) for 1-based k."""
+    above = hist.flip(0).cumsum(0).flip(0)  # above[b] = count in buckets >= b
+    bucket = int((above >= k).nonzero().max())
+    return bucket, int(above[bucket] - hist[bucket])
+
+
+def _digit_schedule(device: torch.device) -> tuple[int, ...]:
+    # 16-bit digits suit the CPU's per-thread histograms; on a GPU 11/11/10 bits keep the
+    # per-block histograms in shared memory.
+    return (11, 11, 10) if device.type == "cuda" else (16, 16)
+
+
+def find_threshold(
+    tensors: Sequence[Tensor],
+    k: int,
+    use_abs: bool = True,
+    all_reduce: Callable[[Tensor], Tensor | None] | None = None,
+    all_gather: Callable[[Tensor], Tensor] | None = None,
+    rank: int = 0,
+) -> tuple[int, int]:
+    """``(threshold_key, ties_to_keep)`` such that ``topk_mask_from_threshold(tensors, use_abs,
+    threshold_key, ties_to_keep)`` keeps exactly the ``k`` largest values (ties to the lower flat
+    index), by radix-select histogram passes (two 16-bit digits on CPU, 11/11/10 bits on CUDA).
+    Use :func:`key_to_value` for the threshold value.
+
+    Sharded weights: every rank calls this with its own non-empty shard and the *global* ``k``;
+    ranks are ordered as the global flat order (rank r's tensors come after rank r-1's).
+    ``all_reduce(hist)`` must sum an int64 tensor over ranks, in place (returning None, like
+    ``torch.distributed.all_reduce``) or returning the sum. The threshold key is then global, but
+    the ties to keep are per rank: rank r keeps what is left after the ties of ranks < r, which
+    needs ``all_gather(t)`` returning the per-rank values of ``t`` stacked as ``[world, *t.shape]``,
+    and this process's ``rank``. Per-rank kept counts then add up to ``k`` and the concatenated
+    masks equal the single-process ones.
+    """
+    if k < 0:
+        raise ValueError(f"find_threshold: k must be >= 0, got {k}")
+    if all_reduce is not None and all_gather is None:
+        raise ValueError("find_threshold: sharded use (all_reduce) needs all_gather and rank for the per-rank ties")
+
+    def reduce(hist: Tensor) -> Tensor:
+        if all_reduce is None:
+            return hist
+        out = all_reduce(hist)
+        return hist if out is None else out
+
+    prefix, prefix_bits, remaining = 0, 0, k
+    bucket, local = 0, None
+    for bits in _digit_schedule(tensors[0].device):
+        local = topk_histogram(tensors, use_abs, prefix, prefix_bits, bits)
+        hist = reduce(local.clone()).cpu()
+        if prefix_bits == 0:
+            total = int(hist.sum())
+            if k > total:
+                raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
+            if k == 0:
+                return 0xFFFFFFFF, 0  # no finite value has the largest key (it stands for a NaN)
+        bucket, above = _select_bucket(hist, remaining)
+        prefix, prefix_bits, remaining = (prefix << bits) | bucket, prefix_bits + bits, remaining - above
+    if all_gather is not None:
+        local_ties = local[bucket : bucket + 1].clone()
+        earlier = int(torch.as_tensor(all_gather(local_ties)).reshape(-1)[:rank].sum())
+        remaining = min(max(remaining - earlier, 0), int(local_ties))
+    return prefix, remaining
+
+
+# --- topk_masks: the public entry point ---------------------------------------------------
+
+_SCOPES = ("global", "tensor", "row", "nm", "block")
+
+
+def _kept(count: int, k: int | None, sparsity: float | None, what: str) -> int:
+    """Elements to keep out of ``count``: k itself, or count - floor(sparsity * count)."""
+    if k is not None:
+        if k < 0 or k > count:
+            raise ValueError(f"topk_masks: k must be in [0, N] with N = {count} ({what}), got {k}")
+        return k
+    return count - math.floor(sparsity * count)
+
+
+def _block_scores(x: Tensor, block: tuple[int, int], norm: str) -> Tensor:
+    br, bc = block
+    x2 = x if x.dim() >= 2 else x.unsqueeze(0)
+    rows, cols = x2.shape[-2], x2.shape[-1]
+    if rows % br or cols % bc:
+        raise ValueError(f"topk_masks: block {tuple(block)} must divide the last two dimensions, got shape {tuple(x2.shape)}")
+    blocks = x2.float().reshape(*x2.shape[:-2], rows // br, br, cols // bc, bc)
+    if norm == "l1":
+        return blocks.abs().sum((-3, -1))
+    return blocks.square().sum((-3, -1)).sqrt()
+
+
+def _expand_blocks(packed: Tensor, x: Tensor, block: tuple[int, int]) -> Tensor:
+    br, bc = block
+    x2 = x if x.dim() >= 2 else x.unsqueeze(0)
+    keep = unpack_mask(packed, x2.shape[-1] // bc)
+    keep = keep.repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)
+    return pack_mask(keep.reshape(x.shape))
+
+
+def _min_kept(x: Tensor, packed: Tensor, use_abs: bool) -> Tensor:
+    """The smallest kept score of x (+inf when nothing is kept)."""
+    score = (x.abs() if use_abs else x).float()
+    if x.numel() == 0:
+        return score.new_tensor(math.inf)
+    keep = unpack_mask(packed, x.shape[-1])
+    return torch.where(keep, score, torch.full_like(score, math.inf)).amin()
+
+
+def topk_masks(
+    tensors: Sequence[Tensor],
+    *,
+    k: int | None = None,
+    sparsity: float | None = None,
+    scope: str = "global",
+    use_abs: bool = True,
+    n: int = 2,
+    m: int = 4,
+    block: tuple[int, int] = (1, 4),
+    block_norm: str = "l1",
+) -> tuple[list[Tensor], Tensor]:
+    """Bit-packed keep-masks of the largest scores (``|w|`` when ``use_abs``, else ``w``).
+
+    Exactly one of ``k`` and ``sparsity`` (in [0, 1)); a sparsity keeps ``N - floor(sparsity * N)``
+    of the N candidates of its scope. Ties go to the lower flat index. ``scope``:
+
+    - ``"global"``: the k largest over all tensors together; threshold: the k-th largest score
+      (0-d float32, +inf for k = 0).
+    - ``"tensor"``: each tensor separately (k per tensor); threshold: one per tensor, 1-D.
+    - ``"row"``: every row (last dimension) separately (k per row); threshold: the smallest kept
+      score per tensor, 1-D.
+    - ``"nm"``: ``n`` of every ``m`` consecutive elements along the last dimension (which m must
+      divide); ``k`` must be omitted and ``sparsity`` omitted or equal to ``1 - n/m``; threshold as
+      for rows.
+    - ``"block"``: blocks of shape ``block`` over the last two dimensions (a 1-D tensor is one row),
+      scored by their ``block_norm`` ("l1" or "l2") norm of the values (``use_abs`` does not
+      apply), the k largest blocks over all tensors (k and N count blocks), expanded to element
+      masks; threshold: the k-th largest block score.
+
+    Raises ValueError for bad arguments; RuntimeError (from the op) for NaN/Inf inputs.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("topk_masks: tensors must not be empty")
+    if scope not in _SCOPES:
+        raise ValueError(f"topk_masks: scope must be one of {_SCOPES}, got {scope!r}")
+    if scope == "nm":
+        if k is not None:
+            raise ValueError("topk_masks: scope='nm' takes n and m, not k")
+        if not (1 <= m and 0 <= n <= m):
+            raise ValueError(f"topk_masks: N:M needs 0 <= n <= m and m >= 1, got n={n}, m={m}")
+        if sparsity is not None and not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
+            raise ValueError(f"topk_masks: scope='nm' with n={n}, m={m} has sparsity {1 - n / m}, got {sparsity}")
+        for i, x in enumerate(tensors):
+            if x.shape[-1] % m:
+                raise ValueError(f"topk_masks: the last dimension of tensors[{i}] ({x.shape[-1]}) must be divisible by m={m}")
+        masks = [nm_mask(x, n, m, use_abs) for x in tensors]
+        return masks, torch.stack([_min_kept(x, mk, use_abs) for x, mk in zip(tensors, masks)])
+    if (k is None) == (sparsity is None):
+        raise ValueError("topk_masks: give exactly one of k and sparsity")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise ValueError(f"topk_masks: sparsity must be in [0, 1), got {sparsity}")
+    if any(x.dim() == 0 for x in tensors):
+        raise ValueError("topk_masks: every tensor needs at least one dimension")
+
+    if scope == "global":
+        return topk_mask(tensors, _kept(sum(x.numel() for x in tensors), k, sparsity, "all tensors"), use_abs)
+    if scope == "tensor":
+        results = [topk_mask([x], _kept(x.numel(), k, sparsity, f"tensors[{i}]"), use_abs) for i, x in enumerate(tensors)]
+        return [mk[0] for mk, _ in results], torch.stack([t for _, t in results])
+    if scope == "row":
+        masks = [topk_mask_rows(x, _kept(x.shape[-1], k, sparsity, f"a row of tensors[{i}]"), use_abs)
+                 for i, x in enumerate(tensors)]
+        return masks, torch.stack([_min_kept(x, mk, use_abs) for x, mk in zip(tensors, masks)])
+    # block
+    if block_norm not in ("l1", "l2"):
+        raise ValueError(f"topk_masks: block_norm must be 'l1' or 'l2', got {block_norm!r}")
+    if len(block) != 2 or min(block) < 1:
+        raise ValueError(f"topk_masks: block must be two positive sizes, got {block}")
+    block = (int(block[0]), int(block[1]))
+    scores = [_block_scores(x, block, block_norm) for x in tensors]
+    kept = _kept(sum(s.numel() for s in scores), k, sparsity, "blocks of all tensors")
+    score_masks, threshold = topk_mask(scores, kept, True)
+    return [_expand_blocks(mk, x, block) for mk, x in zip(score_masks, tensors)], threshold

@@ -1,0 +1,298 @@
+"""MaskedAdamW and MaskedSGD: ``torch.optim`` optimizers over the fused masked steps.
+
+Masks are bit-packed uint8 tensors (``sparsebert.ops.pack_mask``), held BY REFERENCE: the
+optimizer keeps the very tensor a MaskedLinear module owns and a pruner updates in place, so
+the dense-state optimizer always steps with the current mask. Give them per parameter group
+(``{"params": [...], "masks": [mask or None per param]}``), as ``masks={param: mask}``, or
+later with :meth:`set_mask`. Pruned weights are written 0 at every step and never revived.
+
+State modes:
+
+* dense state (default): moments shaped like the parameter, written 0 at pruned positions;
+  masks may change between steps (pruning schedules).
+* ``compact=True``: the state of a masked parameter is 1-D, one entry per kept weight in
+  row-major order (10% of the memory at 90% sparsity), numerically the same as AdamW/SGD over
+  the kept weights alone. It needs a locked mask: the state is built at the first step from the
+  mask of that moment (pruned weights are then zeroed once; the step itself never writes
+  them). A later change of the mask's popcount raises; to change the mask on purpose, call
+  :meth:`compact_state_` (kept positions keep their state, new ones start at 0). A change
+  that keeps the popcount cannot be detected cheaply and silently shifts the state: don't.
+  The state also holds a copy of the mask it was compacted for (1/32 of the weights' bytes),
+  which is what lets :meth:`compact_state_` map the old entries to the new positions.
+
+``check_finite=True`` (default) makes a step raise, before anything is written, if a gradient
+holds NaN/Inf at a kept position; it costs one extra read of the gradients. Weights are not
+checked: the update cannot make them non-finite from finite gradients and finite state, and
+a second read of the weights would cost as much again.
+
+Half/bfloat16 parameters (CUDA) keep float32 state. One kernel call covers all parameters of a
+group that share device, dtype and step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .ops.mask import unpack_mask
+from .ops.optim_step import masked_adamw_, masked_sgd_
+
+__all__ = ["MaskedAdamW", "MaskedSGD"]
+
+
+def _state_dtype(param: Tensor) -> torch.dtype:
+    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+
+
+def _keep(mask: Tensor, param: Tensor) -> Tensor:
+    return unpack_mask(mask, param.shape[-1])
+
+
+class _MaskedOptimizer(Optimizer):
+    """What MaskedAdamW and MaskedSGD share: masks, lazy (compact) state, state_dict."""
+
+    #: the names of the per-parameter state tensors
+    _state_names: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict, masks: Optional[dict] = None):
+        self._masks: dict[Tensor, Tensor] = {}
+        super().__init__(params, defaults)
+        for param, mask in (masks or {}).items():
+            self.set_mask(param, mask)
+
+    # -- masks ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        masks = None
+        if isinstance(param_group, dict) and "masks" in param_group:
+            param_group = dict(param_group)
+            masks = list(param_group.pop("masks"))
+        super().add_param_group(param_group)
+        if masks is not None:
+            params = self.param_groups[-1]["params"]
+            if len(masks) != len(params):
+                raise ValueError(f"{type(self).__name__}: a param group has {len(params)} params but {len(masks)} masks")
+            for param, mask in zip(params, masks):
+                if mask is not None:
+                    self.set_mask(param, mask)
+
+    def set_mask(self, param: Tensor, mask: Optional[Tensor]) -> None:
+        """Mask `param` with the packed `mask` (held by reference), or make it dense (None)."""
+        if not any(param is p for group in self.param_groups for p in group["params"]):
+            raise ValueError(f"{type(self).__name__}.set_mask: the parameter is not optimized by this optimizer")
+        if mask is None:
+            self._masks.pop(param, None)
+            return
+        expected = (*param.shape[:-1], (param.shape[-1] + 7) // 8) if param.dim() else None
+        if mask.dtype != torch.uint8 or expected is None or tuple(mask.shape) != expected:
+            raise ValueError(f"{type(self).__name__}.set_mask: expected a packed uint8 mask of shape {expected} "
+                             f"for a parameter of shape {tuple(param.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        if mask.device != param.device:
+            raise ValueError(f"{type(self).__name__}.set_mask: mask on {mask.device}, parameter on {param.device}")
+        self._masks[param] = mask
+
+    def mask_of(self, param: Tensor) -> Optional[Tensor]:
+        return self._masks.get(param)
+
+    # -- state -----------------------------------------------------------------------------
+    def _group_of(self, param: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(param is p for p in group["params"]):
+                return group
+        raise ValueError(f"{type(self).__name__}: the parameter is not optimized by this optimizer")
+
+    def _has_state_tensors(self, group: dict) -> bool:
+        return True
+
+    def _new_state(self, param: Tensor, compact: bool) -> dict[str, Tensor]:
+        mask = self._masks.get(param)
+        if compact and mask is not None:
+            shape = (int(_keep(mask, param).sum()),)
+        else:
+            shape = param.shape
+        return {name: torch.zeros(shape, dtype=_state_dtype(param), device=param.device) for name in self._state_names}
+
+    def _check_mode(self, param: Tensor, state: dict, compact: bool) -> None:
+        has_tensors = any(name in state for name in self._state_names)
+        if not has_tensors or param not in self._masks:
+            return
+        if compact and "compact_mask" not in state:
+            raise RuntimeError(f"{type(self).__name__}: the param group is compact but a masked parameter has dense "
+                               "state; call compact_state_(param) to convert it")
+        if not compact and "compact_mask" in state:
+            raise RuntimeError(f"{type(self).__name__}: the param group has dense state but a masked parameter has "
+                               "compact state (loaded from a compact optimizer?)")
+
+    @torch.no_grad()
+    def compact_state_(self, params: Optional[Iterable[Tensor]] = None) -> None:
+        """(Re)build the compact state of masked parameters for their current masks, on purpose.
+
+        Entries of weights kept by both the old and the new mask move to their new index; newly
+        kept weights start with zero state; pruned weights are zeroed. Converts dense state too.
+        Without `params`: every masked parameter of a compact group.
+        """
+        if params is None:
+            params = [p for g in self.param_groups if g["compact"] for p in g["params"] if p in self._masks]
+        for param in params:
+            mask = self._masks.get(param)
+            if mask is None:
+                raise ValueError(f"{type(self).__name__}.compact_state_: the parameter has no mask")
+            state = self.state[param]
+            keep = _keep(mask, param)
+            old = state.get("compact_mask")
+            old_keep = _keep(old, param) if old is not None else None
+            for name in self._state_names:
+                if name not in state:
+                    continue
+                value = state[name]
+                if old_keep is not None:
+                    dense = torch.zeros(param.shape, dtype=value.dtype, device=value.device)
+                    dense[old_keep] = value
+                    value = dense
+                state[name] = value[keep].contiguous()
+            state["compact_mask"] = mask.clone()
+            param.mul_(keep)
+
+    def rebuild_state(self) -> None:
+        """Re-compact the state of every masked parameter of a compact group (see compact_state_)."""
+        self.compact_state_()
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the optimizer state (moments, step counters, compact-mask copies)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if isinstance(v, Tensor))
+
+    # -- stepping ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple, list[Tensor]] = {}
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[param]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                self._check_mode(param, state, group["compact"])
+                key = (param.device, param.dtype, self._bucket_key(param, state, group))
+                buckets.setdefault(key, []).append(param)
+            for (_, _, key), params in buckets.items():
+                self._step_bucket(group, params, key)
+        return loss
+
+    def _bucket_key(self, param: Tensor, state: dict, group: dict):
+        return int(state["step"].item())
+
+    def _run(self, group: dict, params: list[Tensor], kernel: Callable[..., None], *args) -> None:
+        """Run `kernel` with masks, grads and the state lists; lazily created (compact) state
+        is stored, and freshly compacted weights zeroed, only once the kernel succeeded."""
+        compact = group["compact"]
+        fresh: dict[Tensor, dict[str, Tensor]] = {}
+        states = []
+        for param in params:
+            state = self.state[param]
+            if self._has_state_tensors(group) and not all(name in state for name in self._state_names):
+                fresh[param] = self._new_state(param, compact)
+            states.append({**state, **fresh.get(param, {})})
+        lists = [[s[name] for s in states] for name in self._state_names] if self._has_state_tensors(group) else [[]]
+        masks = [self._masks.get(p) for p in params]
+        grads = [p.grad.contiguous() for p in params]
+        try:
+            kernel(params, grads, *lists, masks, *args, compact=compact, check_finite=group["check_finite"])
+        except RuntimeError as error:
+            if "compact state" in str(error) and "did the mask change" in str(error):
+                raise RuntimeError(f"{type(self).__name__}: {error}. A compact-state optimizer needs locked masks; "
+                                   "call optimizer.compact_state_(param) after changing a mask on purpose.") from error
+            raise
+        for param, new in fresh.items():
+            self.state[param].update(new)
+            mask = self._masks.get(param)
+            if compact and mask is not None:
+                self.state[param]["compact_mask"] = mask.clone()
+                param.mul_(_keep(mask, param))
+        for param in params:
+            self.state[param]["step"] += 1
+
+    def _step_bucket(self, group: dict, params: list[Tensor], key) -> None:
+        raise NotImplementedError
+
+    # -- state_dict ---------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like torch's, but keeps the saved dtypes (float32 state of half parameters, uint8
+        compact masks) and copies the tensors. Masks are not part of the state: they belong to
+        the model, and this optimizer keeps the ones it was given."""
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for pid, saved in saved_state.items():
+            param = by_id[pid]
+            self.state[param] = {
+                name: (value.detach().clone() if name == "step" else value.detach().to(param.device, copy=True))
+                if isinstance(value, Tensor) else value
+                for name, value in saved.items()
+            }
+
+
+class MaskedAdamW(_MaskedOptimizer):
+    """torch.optim.AdamW over masked parameters, one fused kernel per step (see module doc)."""
+
+    _state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, masks: Optional[dict] = None, compact: bool = False,
+                 maximize: bool = False, check_finite: bool = True):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, compact=compact,
+                        maximize=maximize, check_finite=check_finite)
+        super().__init__(params, defaults, masks)
+
+    def _step_bucket(self, group: dict, params: list[Tensor], step: int) -> None:
+        beta1, beta2 = group["betas"]
+        self._run(group, params, masked_adamw_, step + 1, group["lr"], beta1, beta2, group["eps"],
+                  group["weight_decay"], group["maximize"])
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """torch.optim.SGD (momentum, dampening, Nesterov, weight decay) over masked parameters."""
+
+    _state_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, masks: Optional[dict] = None,
+                 compact: bool = False, maximize: bool = False, check_finite: bool = True):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        compact=compact, maximize=maximize, check_finite=check_finite)
+        super().__init__(params, defaults, masks)
+
+    def _has_state_tensors(self, group: dict) -> bool:
+        return group["momentum"] != 0
+
+    def _bucket_key(self, param: Tensor, state: dict, group: dict):
+        return "momentum_buffer" not in state  # first step of the momentum buffer
+
+    def _step_bucket(self, group: dict, params: list[Tensor], first_step: bool) -> None:
+        self._run(group, params, masked_sgd_, group["lr"], group["momentum"], group["dampening"],
+                  group["weight_decay"], group["nesterov"], first_step, group["maximize"])
