@@ -147,7 +147,6 @@ def resolve_pipeline(user: dict) -> dict:
 
 
 def print_plan(cfg: dict) -> None:
-    from .trainer import schedule  # noqa: F401
     stages = cfg["stages"] if cfg["stage"] == "pipeline" else {cfg["stage"]: cfg}
     print("plan:")
     for name, s in stages.items():
@@ -179,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from . import stages as S
     from .runs import Run
     if argv[0] == "resume-any":  # --resume DIR without a stage: the stage is in the saved config
         p = argparse.ArgumentParser(prog="python -m sparsebert.train")

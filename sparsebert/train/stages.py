@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from sparsebert.data import text as T
 
 from . import config as C
 from .report import measure_sparsity, write_pipeline_report, write_stage_report
-from .runs import Run, RunError
+from .runs import Run
 from .trainer import Trainer, autocast, move, schedule
 
 BUNDLED_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
