@@ -7,7 +7,8 @@ from sparsebert.train import config as C
 
 @pytest.fixture
 def recipe(monkeypatch):
-    recipes = {("prune-ofa", "downstream"): {"method": {"name": "prune-ofa", "final_sparsity": 0.85, "rewind": True},
+    recipes = {("prune-ofa", "downstream-qat"): {"method": {"name": "prune-ofa", "quantize": True}},
+               ("prune-ofa", "downstream"): {"method": {"name": "prune-ofa", "final_sparsity": 0.85, "rewind": True},
                                                "training": {"lr": 2e-5, "epochs": 4.0}}}
     monkeypatch.setattr(C, "load_recipe", lambda m, s: recipes.get((m, s), {}))
 
@@ -74,3 +75,10 @@ def test_bad_values():
     with pytest.raises(C.ConfigError, match=r"method.sparsities\[1\]|method.sparsities must be a sparsity"):
         C.resolve("downstream", {"method": {"name": "x", "sparsities": [0.5, 1.5]}})
     C.resolve("downstream", {"method": {"name": "x", "final_sparsity": 0.0}})
+
+
+def test_named_recipe(recipe):
+    cfg = C.resolve("downstream", overrides(["downstream", "--method", "prune-ofa", "--recipe", "downstream-qat"]))
+    assert cfg["method"] == {"name": "prune-ofa", "quantize": True}
+    with pytest.raises(C.ConfigError, match="no recipe recipes/prune-ofa/nope.yaml"):
+        C.resolve("downstream", {"method": {"name": "prune-ofa"}, "run": {"recipe": "nope"}})

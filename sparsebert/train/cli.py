@@ -48,7 +48,7 @@ SHORTCUTS = {
     "method": "method.name", "epochs": "training.epochs", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "lr": "training.lr", "seed": "training.seed",
     "out": "run.out_dir", "run_dir": "run.dir", "device": "run.device", "precision": "run.precision",
-    "threads": "run.threads",
+    "threads": "run.threads", "recipe": "run.recipe",
 }
 
 
@@ -70,6 +70,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", help="tokenization cache dir")
     g = p.add_argument_group("method and training")
     g.add_argument("--method", help="prune-ofa | sparsebert-kap | cap | <baselines> | dense")
+    g.add_argument("--recipe", help="recipe file of the method other than the stage's, e.g. downstream-qat")
     g.add_argument("--epochs", type=float)
     g.add_argument("--max-steps", type=int)
     g.add_argument("--batch-size", type=int)

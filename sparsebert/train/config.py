@@ -69,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
         "precision": "fp32",       # fp32 | bf16 | fp16 (fp16 needs cuda)
         "threads": None,           # torch CPU threads; None = torch's default
         "smoke": False,            # reduced steps and data, same code path (tests)
+        "recipe": None,            # recipes/<method>/<recipe>.yaml for upstream/downstream; None = the stage's
+                                   # name (e.g. downstream-qat for prune-ofa, structured for cap)
     },
 }
 
@@ -182,7 +184,10 @@ def resolve(stage: str, user: dict) -> dict:
     """The flat config of one stage run: defaults < stage defaults < recipe < user."""
     check_known_keys(user)
     method_name = "dense" if stage == "teacher" else get_path(user, "method.name", DEFAULTS["method"]["name"])
-    recipe = load_recipe(method_name, stage) if stage != "evaluate" else {}
+    recipe_name = get_path(user, "run.recipe") if stage in ("upstream", "downstream") else None
+    recipe = load_recipe(method_name, recipe_name or stage) if stage != "evaluate" else {}
+    if recipe_name and not recipe:
+        raise ConfigError(f"no recipe recipes/{method_name}/{recipe_name}.yaml")
     training = merge(DEFAULTS["training"], DEFAULTS[stage]["training"] if stage in STAGE_SECTIONS else {})
     recipe_training, recipe_other = split_recipe_training(recipe.get("training"))
     recipe_layer: dict = {}
