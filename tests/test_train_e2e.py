@@ -72,6 +72,11 @@ def test_upstream_mlm_dense(env):
     check_report(run, results)
     from transformers import AutoModelForMaskedLM
     AutoModelForMaskedLM.from_pretrained(run / "model")
+    ev = env["root"] / "eval-mlm"
+    assert main(["evaluate", "--model", str(run / "model"), "--corpus", str(env["corpus"]), *common(env, ev)]) == 0
+    evaluated = json.loads((ev / "done.json").read_text())
+    assert evaluated["objective"] == "mlm"
+    assert evaluated["final"]["eval/mlm_loss"] == pytest.approx(results["final"]["eval/mlm_loss"], rel=1e-5)
 
 
 def test_upstream_representation_prunes(env):

@@ -155,7 +155,8 @@ def results_table(rows: list[dict]) -> str:
 def write_stage_report(run, cfg: dict, results: dict) -> Path:
     records = run.metrics()
     plots = plot_curves(records, run.dir)
-    task = cfg["data"]["task"] if cfg["stage"] != "upstream" else f"corpus ({results.get('objective')})"
+    on_corpus = cfg["stage"] == "upstream" or (cfg["stage"] == "evaluate" and cfg["data"]["corpus"] is not None)
+    task = f"corpus ({results.get('objective')})" if on_corpus else cfg["data"]["task"]
     lines = [f"# sparsebert {cfg['stage']}: {cfg['method']['name']} on {task}", "",
              f"- model: `{cfg['model']['name']}`" + (f", teacher: `{cfg['model']['teacher']}`" if cfg['model']['teacher'] else ""),
              f"- objective: {results.get('objective')}, steps: {results.get('steps')}, "

@@ -151,10 +151,9 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
     stage = cfg["stage"]
     resolve_device(cfg["run"])
     try:
-        if stage in ("teacher", "downstream", "evaluate") or (stage == "pipeline"):
-            for task in (cfg["data"].get("tasks") or [cfg["data"]["task"]]):
-                glue.check_available(glue.get_task(task), cfg["data"]["data_dir"])
-        if stage in ("upstream", "pipeline"):
+        if stage in ("teacher", "downstream") or (stage == "evaluate" and not on_corpus(cfg)):
+            glue.check_available(glue.get_task(cfg["data"]["task"]), cfg["data"]["data_dir"])
+        if stage == "upstream" or on_corpus(cfg):
             T.check_corpus(cfg["data"]["corpus"])
             if cfg["data"]["eval_corpus"] is not None:
                 T.check_corpus(cfg["data"]["eval_corpus"])
@@ -184,6 +183,11 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
 
 
 # ---- evaluation -------------------------------------------------------------------------------
+
+def on_corpus(cfg: dict) -> bool:
+    """`evaluate` with --corpus measures the upstream objective (MLM loss, or likeness to --teacher)."""
+    return cfg["stage"] == "evaluate" and cfg["data"]["corpus"] is not None
+
 
 def _batches(features: list, size: int):
     for s in range(0, len(features), size):
@@ -306,7 +310,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg["model"]["name"])
     reference = None
     teacher = pretrained = None
-    if stage in ("teacher", "downstream", "evaluate"):
+    if stage in ("teacher", "downstream") or (stage == "evaluate" and not on_corpus(cfg)):
         task = glue.get_task(cfg["data"]["task"])
         objective, num_labels = task.objective, task.num_labels
         train_f, dev_f = task_data(cfg, task, tokenizer)
@@ -338,7 +342,14 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
         num_labels = 0
         train_f, dev_f = corpus_data(cfg, tokenizer)
         student = load_model(cfg["model"]["name"], objective).to(device)
-        teacher = frozen(load_model(cfg["model"]["name"], objective).to(device))
+        if stage == "evaluate":  # representation is measured against a dense model: --teacher
+            if objective == "representation" and not cfg["model"]["teacher"]:
+                raise StageError("evaluating a model without MLM head on a corpus compares it with a dense "
+                                 "model: pass --teacher <dense model>")
+            teacher = frozen(load_model(cfg["model"]["teacher"], objective).to(device)) \
+                if objective == "representation" else None
+        else:
+            teacher = frozen(load_model(cfg["model"]["name"], objective).to(device))
         eval_seed = t["seed"] + 1
 
         def evaluate(model=student):
