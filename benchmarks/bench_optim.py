@@ -2,7 +2,7 @@
 768x3072] = 85M float32): MaskedAdamW (dense state, compact state at 90% sparsity) against
 torch.optim.AdamW (fused, foreach), with a correctness check first.
 
-    python benchmarks/bench_optim.py [--device cpu|cuda] [--repeats 3] [--rounds 3] [--sparsity 0.9]
+    python benchmarks/bench_optim.py [--device cpu|cuda] [--repeats 3] [--rounds 3] [--sparsity 0.9] [--threads N]
 """
 import argparse
 import gc
@@ -54,7 +54,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="passes over all cases; the median over rounds evens out a noisy, shared machine")
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); default: torch's")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = args.device
 
     max_err = check_correctness(device)

@@ -37,7 +37,7 @@
 namespace sparsebert::optim {
 namespace {
 
-constexpr int64_t kTile = 256;  // elements per inner vector loop (its buffers live on the stack)
+constexpr int64_t kTile = 256;  // elements whose lane masks are expanded at a time (a stack buffer)
 
 // Lane masks: the mask bits of a tile expanded to one all-ones (kept) or all-zeros (pruned)
 // word per element, as wide as the element, so that keeping or zeroing a value is a bitwise AND.
@@ -104,45 +104,6 @@ int64_t count_bits(const uint8_t* mask_row, int64_t c0, int64_t n) {
   return total;
 }
 
-// GCC keeps sqrt scalar (it may set errno) unless built with -fno-math-errno, so the AdamW
-// loop takes its square roots in this separate pass over a tile, with explicit vectors.
-template <typename T>
-void sqrt_scalar(T* x, int64_t from, int64_t n) {
-  for (int64_t k = from; k < n; ++k) x[k] = std::sqrt(x[k]);
-}
-
-#if SPARSEBERT_X86
-// GCC 12's own _mm512_undefined_* trip -Wmaybe-uninitialized.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define SPARSEBERT_DEFINE_VSQRT(name, isa, T, lanes, load, vsqrt, store) \
-  __attribute__((target(isa))) void name(T* x, int64_t n) {               \
-    int64_t k = 0;                                                         \
-    for (; k + (lanes) <= n; k += (lanes)) store(x + k, vsqrt(load(x + k))); \
-    sqrt_scalar(x, k, n);                                                  \
-  }
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx512, "avx512f", float, 16, _mm512_loadu_ps, _mm512_sqrt_ps, _mm512_storeu_ps)
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx512, "avx512f", double, 8, _mm512_loadu_pd, _mm512_sqrt_pd, _mm512_storeu_pd)
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx2, "avx2", float, 8, _mm256_loadu_ps, _mm256_sqrt_ps, _mm256_storeu_ps)
-SPARSEBERT_DEFINE_VSQRT(sqrt_avx2, "avx2", double, 4, _mm256_loadu_pd, _mm256_sqrt_pd, _mm256_storeu_pd)
-SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", float, 4, _mm_loadu_ps, _mm_sqrt_ps, _mm_storeu_ps)
-SPARSEBERT_DEFINE_VSQRT(sqrt_sse2, "sse2", double, 2, _mm_loadu_pd, _mm_sqrt_pd, _mm_storeu_pd)
-#undef SPARSEBERT_DEFINE_VSQRT
-#pragma GCC diagnostic pop
-#endif
-
-template <typename T>
-void sqrt_inplace(T* x, int64_t n) {
-#if SPARSEBERT_X86
-  static const int isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
-  if (isa == 2) return sqrt_avx512(x, n);
-  if (isa == 1) return sqrt_avx2(x, n);
-  return sqrt_sse2(x, n);
-#else
-  sqrt_scalar(x, 0, n);
-#endif
-}
-
 template <typename T>
 struct TensorPtrs {
   T* param;
@@ -171,7 +132,7 @@ void for_each_row_segment(const TensorPtrs<T>& t, int64_t begin, int64_t end, F&
   }
 }
 
-// Dense-state update of n <= kTile (its buffers' size) consecutive elements. kMasked: keep[k] is the lane mask
+// Dense-state update of n consecutive elements. kMasked: keep[k] is the lane mask
 // of element k; pruned elements and their state are written 0 (the select also drops
 // whatever a NaN gradient at a pruned position computed).
 template <class Op, typename T, bool kMasked>
@@ -189,44 +150,22 @@ SPARSEBERT_CLONES void update_tile(const Op op, T* __restrict p, const T* __rest
     if constexpr (Op::kStates > 0) s0[k] = select(k, s[0]);
     if constexpr (Op::kStates > 1) s1[k] = select(k, s[1]);
   };
-  if constexpr (Op::kSqrt) {
-    alignas(64) T p_buf[kTile];
-    alignas(64) T root[kTile];
-    for (int64_t k = 0; k < n; ++k) {
-      T pk = p[k];
-      T s[2] = {T(0), T(0)};
-      load_state(k, s);
-      root[k] = op.moments(pk, g[k], s);
-      p_buf[k] = pk;
-      store_state(k, s);
-    }
-    sqrt_inplace(root, n);
-    for (int64_t k = 0; k < n; ++k) {
-      T pk = p_buf[k];
-      T s[2] = {T(0), T(0)};
-      load_state(k, s);
-      op.apply(pk, s, root[k]);
-      p[k] = select(k, pk);
-    }
-  } else {
-    for (int64_t k = 0; k < n; ++k) {
-      T pk = p[k];
-      T s[2] = {T(0), T(0)};
-      load_state(k, s);
-      op(pk, g[k], s);
-      p[k] = select(k, pk);
-      store_state(k, s);
-    }
+  // One pass: with -fno-math-errno (CMakeLists.txt) GCC vectorizes the square root inline.
+  for (int64_t k = 0; k < n; ++k) {
+    T pk = p[k];
+    T s[2] = {T(0), T(0)};
+    load_state(k, s);
+    op(pk, g[k], s);
+    p[k] = select(k, pk);
+    store_state(k, s);
   }
 }
 
 template <class Op, typename T>
 void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end) {
   if (t.mask == nullptr) {
-    for (int64_t b = begin; b < end; b += kTile) {
-      update_tile<Op, T, false>(op, t.param + b, t.grad + b, advance(t.state[0], b), advance(t.state[1], b), nullptr,
-                                std::min(kTile, end - b));
-    }
+    update_tile<Op, T, false>(op, t.param + begin, t.grad + begin, advance(t.state[0], begin),
+                              advance(t.state[1], begin), nullptr, end - begin);
     return;
   }
   for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
@@ -250,60 +189,111 @@ inline uint32_t mask_bits(const uint8_t* mask_row, int64_t j, int64_t len) {
   return (word >> (j & 7)) & ((1u << len) - 1);
 }
 
-// Appends the kept elements among p[0, m), g[0, m) (mask bits [c0, c0 + m) of the row) and
-// their positions (offset + k) to the output buffers, which need 16 elements of slack.
-// Returns how many were kept. Branch-free: it stores every element and advances past kept ones.
+// A run of up to 16 consecutive elements of a chunk with at least one kept weight: its first
+// element (relative to the chunk) and its mask bits.
+struct Group {
+  int32_t offset;
+  uint32_t bits;
+};
+
+// Appends the kept elements among p[0, m), g[0, m) (mask bits [c0, c0 + m) of the row) to the
+// output buffers, which need 16 elements of slack, and the groups of 16 that hold them (the
+// first at chunk offset `offset`) to `groups`. Returns how many were kept. Branch-free within
+// a group: it stores every element and advances past kept ones.
 template <typename T>
 int64_t compact_kept_scalar(const T* p, const T* g, const uint8_t* mask_row, int64_t c0, int64_t m, int32_t offset,
-                            T* p_out, T* g_out, int32_t* position_out) {
+                            T* p_out, T* g_out, Group*& groups) {
   int64_t c = 0;
   for (int64_t k0 = 0; k0 < m; k0 += 16) {
     const int64_t len = std::min<int64_t>(16, m - k0);
     const uint32_t bits = mask_bits(mask_row, c0 + k0, len);
+    if (bits == 0) continue;
+    *groups++ = {offset + static_cast<int32_t>(k0), bits};
     for (int64_t k = 0; k < len; ++k) {
       p_out[c] = p[k0 + k];
       g_out[c] = g[k0 + k];
-      position_out[c] = offset + static_cast<int32_t>(k0 + k);
       c += (bits >> k) & 1;
     }
   }
   return c;
 }
 
+// Writes the updated kept weights p_buf[0, ...) back to their positions in `param`.
+template <typename T>
+void scatter_kept_scalar(const T* p_buf, const Group* groups, int64_t num_groups, T* param) {
+  for (int64_t i = 0; i < num_groups; ++i) {
+    for (uint32_t bits = groups[i].bits; bits != 0; bits &= bits - 1) {
+      param[groups[i].offset + std::countr_zero(bits)] = *p_buf++;
+    }
+  }
+}
+
 #if SPARSEBERT_X86
-// The same with AVX-512 register compression, 16 floats at a time.
-__attribute__((target("avx512f,popcnt"))) int64_t compact_kept_avx512(const float* p, const float* g, const uint8_t* mask_row,
-                                                               int64_t c0, int64_t m, int32_t offset, float* p_out,
-                                                               float* g_out, int32_t* position_out) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+constexpr int64_t kPrefetchAhead = 1024;  // elements: 4 KiB, 64 lines of each of p and g
+
+// The same with AVX-512 register compression and expansion, 16 floats at a time.
+__attribute__((target("avx512f,popcnt"))) int64_t compact_kept_avx512(const float* p, const float* g,
+                                                                      const uint8_t* mask_row, int64_t c0, int64_t m,
+                                                                      int32_t offset, float* p_out, float* g_out,
+                                                                      Group*& groups) {
   int64_t c = 0;
+  Group* out = groups;  // a local copy: stores through the reference would alias the buffers
   for (int64_t k = 0; k < m; k += 16) {
+    // The lines without a kept weight (a fifth at 90% sparsity) are skipped, and the gaps
+    // defeat the hardware prefetcher: the loads stalled on memory. Lines are fetched ahead
+    // instead, all of them (a missed line costs more than a useless one).
+    _mm_prefetch(reinterpret_cast<const char*>(p + k + kPrefetchAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(g + k + kPrefetchAhead), _MM_HINT_T0);
     const int64_t len = std::min<int64_t>(16, m - k);
     const __mmask16 kept = static_cast<__mmask16>(mask_bits(mask_row, c0 + k, len));
     if (kept == 0) continue;
+    *out++ = {offset + static_cast<int32_t>(k), kept};
     // Whole-vector loads where the tile allows (masked loads are slow on some CPUs).
     const __m512 pv = len == 16 ? _mm512_loadu_ps(p + k) : _mm512_maskz_loadu_ps(kept, p + k);
     const __m512 gv = len == 16 ? _mm512_loadu_ps(g + k) : _mm512_maskz_loadu_ps(kept, g + k);
-    const __m512i position = _mm512_add_epi32(lanes, _mm512_set1_epi32(offset + static_cast<int32_t>(k)));
     _mm512_storeu_ps(p_out + c, _mm512_maskz_compress_ps(kept, pv));
     _mm512_storeu_ps(g_out + c, _mm512_maskz_compress_ps(kept, gv));
-    _mm512_storeu_si512(position_out + c, _mm512_maskz_compress_epi32(kept, position));
     c += std::popcount(static_cast<unsigned>(kept));
   }
+  groups = out;
   return c;
+}
+
+// Masked stores write the kept lanes only: pruned weights are never written in compact mode.
+__attribute__((target("avx512f,popcnt"))) void scatter_kept_avx512(const float* p_buf, const Group* groups,
+                                                                   int64_t num_groups, float* param) {
+  for (int64_t i = 0; i < num_groups; ++i) {
+    const __mmask16 kept = static_cast<__mmask16>(groups[i].bits);
+    _mm512_mask_storeu_ps(param + groups[i].offset, kept, _mm512_maskz_expand_ps(kept, _mm512_loadu_ps(p_buf)));
+    p_buf += std::popcount(static_cast<unsigned>(kept));
+  }
+}
+
+inline bool has_avx512() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+  return avx512;
 }
 #endif
 
 template <typename T>
 int64_t compact_kept(const T* p, const T* g, const uint8_t* mask_row, int64_t c0, int64_t m, int32_t offset, T* p_out,
-                     T* g_out, int32_t* position_out) {
+                     T* g_out, Group*& groups) {
 #if SPARSEBERT_X86
   if constexpr (std::is_same_v<T, float>) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
-    if (avx512) return compact_kept_avx512(p, g, mask_row, c0, m, offset, p_out, g_out, position_out);
+    if (has_avx512()) return compact_kept_avx512(p, g, mask_row, c0, m, offset, p_out, g_out, groups);
   }
 #endif
-  return compact_kept_scalar(p, g, mask_row, c0, m, offset, p_out, g_out, position_out);
+  return compact_kept_scalar(p, g, mask_row, c0, m, offset, p_out, g_out, groups);
+}
+
+template <typename T>
+void scatter_kept(const T* p_buf, const Group* groups, int64_t num_groups, T* param) {
+#if SPARSEBERT_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) return scatter_kept_avx512(p_buf, groups, num_groups, param);
+  }
+#endif
+  scatter_kept_scalar(p_buf, groups, num_groups, param);
 }
 
 // Compact state: the kept weights of a chunk, in order, use consecutive state entries from
@@ -311,32 +301,33 @@ int64_t compact_kept(const T* p, const T* g, const uint8_t* mask_row, int64_t c0
 // compacted into contiguous buffers (sequential reads, which the hardware prefetches; walking
 // the set bits with scattered loads was 3x slower), the same vector loop as for dense
 // parameters updates them with the contiguous state (so compact and dense state agree bit for
-// bit), and the weights go back to their positions. Pruned weights are not written.
+// bit), and the weights go back to their positions, expanded group by group. Pruned weights
+// are not written.
 template <class Op, typename T>
 void update_chunk_compact(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end, int64_t kept) {
   constexpr int64_t kBuffer = 4 * kTile;
-  alignas(64) T p_buf[kBuffer + 16];
+  constexpr int64_t kGroups = kBuffer;      // a tile adds at most kTile / 16 groups (+1 at a row's end)
+  alignas(64) T p_buf[kBuffer + 16];        // the slack: whole-vector loads and stores
   alignas(64) T g_buf[kBuffer + 16];
-  alignas(64) int32_t position[kBuffer + 16];  // relative to begin
+  Group groups[kGroups];
   int64_t count = 0;
+  Group* next_group = groups;
   T* const param = t.param + begin;
   const T* const grad = t.grad + begin;
   auto flush = [&] {
-    for (int64_t i = 0; i < count; i += kTile) {  // update_tile takes at most kTile elements
-      update_tile<Op, T, false>(op, p_buf + i, g_buf + i, advance(t.state[0], kept + i), advance(t.state[1], kept + i),
-                                nullptr, std::min(kTile, count - i));
-    }
-    for (int64_t i = 0; i < count; ++i) param[position[i]] = p_buf[i];
+    update_tile<Op, T, false>(op, p_buf, g_buf, advance(t.state[0], kept), advance(t.state[1], kept), nullptr, count);
+    scatter_kept(p_buf, groups, next_group - groups, param);
     kept += count;
     count = 0;
+    next_group = groups;
   };
   for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
     for (int64_t k0 = 0; k0 < n; k0 += kTile) {
       const int64_t m = std::min(kTile, n - k0);
       const int32_t offset = static_cast<int32_t>(flat + k0 - begin);
-      if (count + m > kBuffer) flush();
+      if (count + m > kBuffer || (next_group - groups) + kTile / 16 + 1 > kGroups) flush();
       count += compact_kept(param + offset, grad + offset, mask_row, c0 + k0, m, offset, p_buf + count, g_buf + count,
-                            position + count);
+                            next_group);
     }
   });
   if (count > 0) flush();

@@ -24,23 +24,16 @@ SPARSEBERT_HOST_DEVICE double opmath_sqrt(double x) { return sqrt(x); }
 template <typename T>
 struct AdamWUpdate {
   static constexpr int kStates = 2;  // exp_avg, exp_avg_sq
-  static constexpr bool kSqrt = true;
   T grad_sign, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size;
 
-  // Split at the square root: the CPU loop takes it in a separate vector pass (see
-  // masked_optim.cpp). Returns the value whose square root apply() needs.
-  SPARSEBERT_HOST_DEVICE T moments(T& p, T g, T* s) const {
+  SPARSEBERT_HOST_DEVICE void operator()(T& p, T g, T* s) const {
     g = g * grad_sign;
     p = p * decay;
     s[0] = s[0] + one_minus_beta1 * (g - s[0]);    // exp_avg.lerp_(grad, 1 - beta1)
     s[1] = s[1] * beta2 + one_minus_beta2 * g * g;  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-    return s[1];
-  }
-  SPARSEBERT_HOST_DEVICE void apply(T& p, const T* s, T sqrt_exp_avg_sq) const {
-    const T denom = sqrt_exp_avg_sq / bias_correction2_sqrt + eps;
+    const T denom = opmath_sqrt(s[1]) / bias_correction2_sqrt + eps;
     p = p + neg_step_size * s[0] / denom;  // param.addcdiv_(exp_avg, denom, -step_size)
   }
-  SPARSEBERT_HOST_DEVICE void operator()(T& p, T g, T* s) const { apply(p, s, opmath_sqrt(moments(p, g, s))); }
 };
 
 template <typename T>
@@ -62,7 +55,6 @@ inline AdamWUpdate<T> make_adamw(int64_t step, double lr, double beta1, double b
 template <typename T, bool kMomentum>
 struct SgdUpdate {
   static constexpr int kStates = kMomentum ? 1 : 0;  // momentum_buffer
-  static constexpr bool kSqrt = false;
   T grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
   bool nesterov, first_step;
 

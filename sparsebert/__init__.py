@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 #: Backends the compiled extension was built with, e.g. ("cpu",) or ("cpu", "cuda").
 backends: tuple[str, ...] = ("cpu", "cuda") if _C.with_cuda else ("cpu",)
 
-from . import ops  # noqa: E402,F401
+from . import ops, optim  # noqa: E402,F401
 
 
 def __getattr__(name: str):

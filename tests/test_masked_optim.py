@@ -116,6 +116,28 @@ def test_adamw_masked_matches_kept_weights_and_compact_matches_dense(device, dty
             torch.testing.assert_close(m[i][k], ref_opt.state[ref[i]]["exp_avg"][k], **tolerances(dtype))
 
 
+@pytest.mark.parametrize("device", devices())
+def test_adamw_compact_matches_dense_at_high_sparsity(device):
+    """90% sparsity, rows of whole 16-lane groups (the vector compress/expand path), many
+    all-pruned groups and several chunks: compact state is bit-identical to dense state."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(160, 256), (48, 768), (40, 100)]
+    keeps = [(torch.rand(s, generator=gen) >= 0.9).to(device) for s in shapes]
+    params = [(torch.randn(s, generator=gen) * k.cpu()).to(device) for s, k in zip(shapes, keeps)]
+    masks = packed(keeps)
+    compact = [p.clone() for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    mc = [torch.zeros(int(k.sum()), device=device) for k in keeps]
+    vc = [t.clone() for t in mc]
+    for step in range(1, 6):
+        grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        masked_adamw_(params, grads, m, v, masks, step, 1e-2, 0.9, 0.999, 1e-8, 0.05)
+        masked_adamw_(compact, grads, mc, vc, masks, step, 1e-2, 0.9, 0.999, 1e-8, 0.05, compact=True)
+    for i, k in enumerate(keeps):
+        assert torch.equal(compact[i], params[i])
+        assert torch.equal(mc[i], m[i][k]) and torch.equal(vc[i], v[i][k])
+
+
 # ----------------------------------------------------------------------------- SGD, op level
 SGD_CONFIGS = [
     dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False),

@@ -1,0 +1,1 @@
+"""Data for the trainer: GLUE tasks and their metrics, raw-text corpora, collation, tokenization cache."""

@@ -1,0 +1,296 @@
+"""Every default of `python -m sparsebert.train`, in one place, and how a run's config is resolved.
+
+Layers, each overriding the one before:
+  1. DEFAULTS below (`training` shared by all stages, then the stage's own `<stage>.training`);
+  2. the method's recipe `recipes/<method>/<stage>.yaml` (its `method:` and `training:` sections);
+  3. the command line (`--set a.b=value`, dotted flags, and the shortcut flags).
+The resolved config of a stage is flat: {stage, model, data, training, method, run}.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+STAGES = ("teacher", "upstream", "downstream", "evaluate", "pipeline")
+
+DEFAULTS: dict[str, Any] = {
+    "model": {
+        "name": "minilm",          # a transformers checkpoint name or local dir; "minilm" = the bundled MiniLM
+        "teacher": None,           # downstream: fine-tuned dense teacher dir (pipeline: the teacher stage's output)
+        "pretrained": None,        # downstream: frozen pre-trained encoder for methods that use one (CAP)
+    },
+    "data": {
+        "task": "sst2",            # a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli) or pydoc-topics
+        "tasks": None,             # pipeline: several downstream tasks, e.g. [sst2, rte]; None = [task]
+        "data_dir": None,          # dir with GLUE TSV files (<dir>/<TASK>/train.tsv or <dir>/train.tsv); None = `datasets`
+        "corpus": None,            # upstream: list of text files, "pydoc" (bundled), or a `datasets` name "path[:config]"
+        "eval_corpus": None,       # upstream: held-out text files; None = the last eval_fraction of the corpus
+        "eval_fraction": 0.05,
+        "max_len": 128,            # tokens per example / per upstream text block
+        "max_train_examples": None,  # truncate the training set (quick runs)
+        "max_eval_examples": None,
+        "mlm_probability": 0.15,
+        "objective": "auto",       # upstream: auto = mlm if the model has an MLM head, else representation
+        "cache_dir": "~/.cache/sparsebert",  # tokenization cache
+    },
+    "training": {
+        "seed": 42,
+        "epochs": 3.0,             # used when max_steps is None
+        "max_steps": None,
+        "batch_size": 32,
+        "eval_batch_size": 128,
+        "lr": 5e-5,
+        "weight_decay": 0.01,
+        "grad_clip": 1.0,
+        "log_every": 10,           # steps between train-loss lines in metrics.jsonl
+        "eval_every": None,        # steps between evaluations; None = once per epoch (and at the end)
+        "checkpoint_every": 200,   # steps between checkpoints (and one at the end)
+        "keep_checkpoints": 1,
+    },
+    "teacher": {"training": {"lr": 5e-5, "epochs": 3.0}},
+    "upstream": {"training": {"lr": 1e-4, "epochs": 1.0}},
+    "downstream": {"training": {"lr": 5e-5, "epochs": 3.0}},
+    "evaluate": {"training": {}},
+    "method": {"name": "prune-ofa"},  # teacher stage: always "dense"
+    # which models a method uses (None = as its recipe's `models:` section says, else the stage's usual):
+    "roles": {
+        "student": None,           # downstream: upstream (pipeline: the upstream output) | pretrained
+        "teacher": None,           # downstream: finetuned | none | pretrained
+        "pretrained": None,        # downstream: true = pass the frozen pre-trained encoder (CAP's PrC)
+    },
+    "run": {
+        "out_dir": "runs",         # a new run dir is made under it, unless run.dir is given
+        "dir": None,
+        "device": "auto",          # auto | cpu | cuda | cuda:N
+        "precision": "fp32",       # fp32 | bf16 | fp16 (fp16 needs cuda)
+        "threads": None,           # torch CPU threads; None = torch's default
+        "smoke": False,            # reduced steps and data, same code path (tests)
+        "recipe": None,            # recipes/<method>/<recipe>.yaml for upstream/downstream; None = the stage's
+                                   # name (e.g. downstream-qat for prune-ofa, structured for cap)
+    },
+}
+
+STAGE_SECTIONS = ("teacher", "upstream", "downstream", "evaluate")
+# keys of `run` that may differ between an interrupted run and its --resume
+RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir")
+
+
+class ConfigError(ValueError):
+    """A config the trainer refuses, with a message for the user."""
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars and lists (`3e-5`, `true`, `null`, `[sst2, rte]`)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML reads 3e-5 as a string; numbers win
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def get_path(tree: dict, dotted: str, default: Any = None) -> Any:
+    node = tree
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def check_known_keys(user: dict) -> None:
+    """Refuse misspelt keys: every override outside `method` must name a default."""
+    def walk(node: dict, ref: dict, prefix: str):
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            if prefix == "" and k == "method":
+                continue
+            if k not in ref:
+                close = ", ".join(sorted(ref))
+                raise ConfigError(f"unknown config key {path!r}; known keys here: {close}")
+            if isinstance(v, dict) and isinstance(ref[k], dict):
+                walk(v, ref[k], path + ".")
+    walk(user, {**DEFAULTS, "training": DEFAULTS["training"],
+                **{s: {"training": DEFAULTS["training"]} for s in STAGE_SECTIONS}}, "")
+
+
+# recipe `training:` keys that configure another section here, and keys the trainer derives itself
+RECIPE_TRAINING_MAP = {"max_seq_len": "data.max_len"}
+RECIPE_TRAINING_DERIVED = ("objective",)  # from the task (downstream) or the model's head (upstream)
+
+
+def load_recipe(method: str, stage: str) -> dict:
+    """The library's recipe for (method, stage), or {} when it has none (yet)."""
+    try:
+        from sparsebert.methods import load_recipe as lib_load_recipe
+    except ImportError:
+        return {}
+    try:
+        recipe = lib_load_recipe(method, stage)
+    except (FileNotFoundError, KeyError):
+        return {}
+    except ValueError as e:  # a recipe that names unknown options, or an unknown method
+        if "unknown method" in str(e):
+            return {}
+        raise ConfigError(f"recipe {method}/{stage}: {e}") from None
+    return recipe or {}
+
+
+def split_recipe_training(training: dict) -> tuple[dict, dict]:
+    """A recipe's `training:` section -> (training fields, other dotted fields such as data.max_len)."""
+    own, other = {}, {}
+    for k, v in (training or {}).items():
+        if k in RECIPE_TRAINING_MAP:
+            other[RECIPE_TRAINING_MAP[k]] = v
+        elif k in RECIPE_TRAINING_DERIVED:
+            continue
+        elif k in DEFAULTS["training"]:
+            own[k] = v
+        else:
+            import warnings
+            warnings.warn(f"recipe training.{k} is not a trainer setting; ignored", stacklevel=2)
+    return own, other
+
+
+def resolve(stage: str, user: dict) -> dict:
+    """The flat config of one stage run: defaults < stage defaults < recipe < user."""
+    check_known_keys(user)
+    method_name = "dense" if stage == "teacher" else get_path(user, "method.name", DEFAULTS["method"]["name"])
+    recipe_name = get_path(user, "run.recipe") if stage in ("upstream", "downstream") else None
+    recipe = load_recipe(method_name, recipe_name or stage) if stage != "evaluate" else {}
+    if recipe_name and not recipe:
+        raise ConfigError(f"no recipe recipes/{method_name}/{recipe_name}.yaml")
+    training = merge(DEFAULTS["training"], DEFAULTS[stage]["training"] if stage in STAGE_SECTIONS else {})
+    recipe_training, recipe_other = split_recipe_training(recipe.get("training"))
+    recipe_layer: dict = {}
+    for dotted, value in recipe_other.items():
+        set_path(recipe_layer, dotted, value)
+    training = merge(training, recipe_training)
+    training = merge(training, user.get("training", {}))
+    training = merge(training, get_path(user, f"{stage}.training", {}) or {})
+    method = {"name": method_name}
+    method = merge(method, {k: v for k, v in (recipe.get("method", {}) or {}).items() if k != "name"})
+    if stage != "teacher":
+        method = merge(method, user.get("method", {}))
+    cfg = {
+        "stage": stage,
+        "model": merge(DEFAULTS["model"], user.get("model", {})),
+        "data": merge(merge(DEFAULTS["data"], recipe_layer.get("data", {})), user.get("data", {})),
+        "training": training,
+        "method": method,
+        "roles": merge(merge(DEFAULTS["roles"], {k: v for k, v in (recipe.get("models") or {}).items()
+                                                  if k in DEFAULTS["roles"]}), user.get("roles", {})),
+        "run": merge(DEFAULTS["run"], user.get("run", {})),
+    }
+    if cfg["run"]["smoke"]:
+        apply_smoke(cfg)
+    validate_values(cfg)
+    return cfg
+
+
+def apply_smoke(cfg: dict) -> None:
+    """Smoke mode: the same code path on a sliver of data and a few steps."""
+    t, d = cfg["training"], cfg["data"]
+    t["max_steps"] = min(t["max_steps"] or 3, 3)
+    t["batch_size"] = min(t["batch_size"], 4)
+    t["eval_every"] = None
+    d["max_len"] = min(d["max_len"], 32)
+    d["max_train_examples"] = min(d["max_train_examples"] or 32, 32)
+    d["max_eval_examples"] = min(d["max_eval_examples"] or 16, 16)
+
+
+def validate_values(cfg: dict) -> None:
+    t = cfg["training"]
+    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if not isinstance(t[key], int) or t[key] <= 0:
+            raise ConfigError(f"training.{key} must be a positive integer, got {t[key]!r}")
+    if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] <= 0):
+        raise ConfigError(f"training.max_steps must be a positive integer or null, got {t['max_steps']!r}")
+    if t["max_steps"] is None and not (isinstance(t["epochs"], (int, float)) and t["epochs"] > 0):
+        raise ConfigError(f"training.epochs must be positive, got {t['epochs']!r}")
+    for key in ("lr", "weight_decay"):
+        if not isinstance(t[key], (int, float)) or t[key] < 0:
+            raise ConfigError(f"training.{key} must be a non-negative number, got {t[key]!r}")
+    if cfg["run"]["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"run.precision must be fp32, bf16 or fp16, got {cfg['run']['precision']!r}")
+    if not 0.0 < float(cfg["data"]["mlm_probability"]) < 1.0:
+        raise ConfigError(f"data.mlm_probability must be in (0, 1), got {cfg['data']['mlm_probability']!r}")
+    if cfg["data"]["objective"] not in ("auto", "mlm", "representation"):
+        raise ConfigError(f"data.objective must be auto, mlm or representation, got {cfg['data']['objective']!r}")
+    check_sparsities(cfg["method"])
+
+
+def check_sparsities(node: Any, path: str = "method") -> None:
+    """Every numeric method field named *sparsity* / *sparsities* must be a fraction in [0, 1)."""
+    if not isinstance(node, dict):
+        return
+    for k, v in node.items():
+        if isinstance(v, dict):
+            check_sparsities(v, f"{path}.{k}")
+        elif "sparsit" in str(k).lower() and v is not None:
+            for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, str):  # e.g. sparsity_pattern: "4:8" is the method's to judge
+                    continue
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x < 1.0:
+                    raise ConfigError(f"{path}.{k} must be a sparsity in [0, 1), got {v!r}")
+
+
+def comparable(cfg: dict) -> dict:
+    out = copy.deepcopy(cfg)
+    out.pop("budget", None)  # the default run's time budget: how steps were planned, not what they are
+    if isinstance(out.get("stages"), dict):
+        out["stages"] = {k: comparable(v) for k, v in out["stages"].items()}
+    for dotted in RESUME_FREE:
+        keys = dotted.split(".")
+        node = out
+        for k in keys[:-1]:
+            node = node.get(k, {})
+        node.pop(keys[-1], None)
+    return out
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} vs {vb!r}")
+    return out
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(comparable(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,196 @@
+"""Measured sparsity, and each run's report.md with its PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+# short names of the prunable matrices of a BERT layer, by the end of their module name
+PARTS = [("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
+         ("attention.output.dense", "attn-out"), ("intermediate.dense", "ffn-in"), ("output.dense", "ffn-out")]
+
+
+def _kept(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Boolean map of the weights that count: nonzero and (when the module carries a mask) unmasked."""
+    kept = weight != 0
+    mask = getattr(module, "mask", None)
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype == torch.uint8 and mask.shape[-1] == (weight.shape[-1] + 7) // 8 and mask.shape[:-1] == weight.shape[:-1]:
+            from sparsebert.ops import unpack_mask
+            kept &= unpack_mask(mask, weight.shape[-1]).to(kept.device)
+        elif mask.shape == weight.shape:
+            kept &= mask.to(kept.device) != 0
+    return kept
+
+
+@torch.no_grad()
+def measure_sparsity(model: torch.nn.Module) -> dict:
+    """Zero fraction of the encoder layers' 2-D weight matrices: overall, per layer, per matrix."""
+    zeros = total = 0
+    layers: dict[str, list[int]] = {}
+    modules: dict[str, float] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        m = LAYER_RE.search(name + ".")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or m is None or "embeddings" in name:
+            continue
+        kept = _kept(module, weight)
+        z, n = int(kept.numel() - kept.sum()), kept.numel()
+        zeros, total = zeros + z, total + n
+        acc = layers.setdefault(m.group(1), [0, 0])
+        acc[0] += z
+        acc[1] += n
+        modules[name] = z / n
+    return {"overall": zeros / total if total else 0.0,
+            "layers": {k: v[0] / v[1] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))},
+            "modules": modules}
+
+
+def _short(module_name: str) -> str | None:
+    for suffix, short in PARTS:
+        if module_name.endswith(suffix) and not (short == "ffn-out" and "attention" in module_name):
+            return short
+    return None
+
+
+def per_layer_table(sparsity: dict) -> str:
+    rows: dict[str, dict[str, float]] = {}
+    for name, frac in sparsity.get("modules", {}).items():
+        m = LAYER_RE.search(name + ".")
+        part = _short(name)
+        if m and part:
+            rows.setdefault(m.group(1), {})[part] = frac
+    if not rows:
+        return "_no encoder layers found_\n"
+    cols = [short for _, short in PARTS]
+    lines = ["| layer | " + " | ".join(cols) + " | all |", "|---" * (len(cols) + 2) + "|"]
+    for layer in sorted(rows, key=int):
+        cells = [f"{rows[layer][c]:.3f}" if c in rows[layer] else "-" for c in cols]
+        lines.append(f"| {layer} | " + " | ".join(cells) + f" | {sparsity['layers'].get(layer, 0.0):.3f} |")
+    lines.append(f"| **all** | " + " | ".join([""] * len(cols)) + f" | **{sparsity['overall']:.3f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
+    """loss.png (train loss, eval losses) and sparsity.png (schedule as logged + measured at evals)."""
+    plt = _plt()
+    made = []
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("model", "student") == "student"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    for key in sorted({k for r in evals for k in r if "loss" in k}):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        ax.plot(*zip(*pts), marker="o", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close(fig)
+    made.append("loss.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in sorted({k for r in train for k in r if "sparsity" in k}):
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if train and pts[-1][0] < train[-1]["step"]:  # the value holds until the end
+            pts.append((train[-1]["step"], pts[-1][1]))
+        ax.plot(*zip(*pts), drawstyle="steps-post", label=f"{key} (method)")
+    pts = [(r["step"], r["sparsity"]) for r in evals if "sparsity" in r]
+    if pts:
+        ax.plot(*zip(*pts), marker="o", linestyle="--", label="measured at evaluation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(-0.02, 1.0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sparsity.png", dpi=100)
+    plt.close(fig)
+    made.append("sparsity.png")
+    return made
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def result_keys(results: dict) -> list[str]:
+    final = results.get("final", {})
+    return [k for k in final if "/" in k and isinstance(final[k], float)]
+
+
+def results_table(rows: list[dict]) -> str:
+    """rows: {stage, task, method, results}; one line per model (dense reference, then sparse)."""
+    keys: list[str] = []
+    for row in rows:
+        for k in result_keys(row["results"]):
+            if k not in keys:
+                keys.append(k)
+    lines = ["| stage | task | model | " + " | ".join(keys) + " | sparsity |", "|---" * (len(keys) + 4) + "|"]
+    for row in rows:
+        res = row["results"]
+        ref = res.get("reference") or {}
+        if ref:
+            lines.append(f"| {row['stage']} | {row['task']} | dense ({ref.get('model', 'reference')}) | "
+                         + " | ".join(_fmt(ref.get(k, "")) for k in keys) + f" | {_fmt(ref.get('sparsity', 0.0))} |")
+        lines.append(f"| {row['stage']} | {row['task']} | {row['method']} | "
+                     + " | ".join(_fmt(res['final'].get(k, "")) for k in keys)
+                     + f" | {_fmt(res.get('sparsity', {}).get('overall', 0.0))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_stage_report(run, cfg: dict, results: dict) -> Path:
+    records = run.metrics()
+    plots = plot_curves(records, run.dir)
+    on_corpus = cfg["stage"] == "upstream" or (cfg["stage"] == "evaluate" and cfg["data"]["corpus"] is not None)
+    task = f"corpus ({results.get('objective')})" if on_corpus else cfg["data"]["task"]
+    lines = [f"# sparsebert {cfg['stage']}: {cfg['method']['name']} on {task}", "",
+             f"- model: `{cfg['model']['name']}`" + (f", teacher: `{cfg['model']['teacher']}`" if cfg['model']['teacher'] else ""),
+             f"- objective: {results.get('objective')}, steps: {results.get('steps')}, "
+             f"train examples: {results.get('train_size')}, time: {results.get('time_s', 0):.0f} s",
+             f"- exported model: `{results.get('model_dir')}`", "",
+             "## Results", "", results_table([{"stage": cfg["stage"], "task": task, "method": cfg["method"]["name"],
+                                                "results": results}]), "",
+             "## Per-layer sparsity (final model)", "", per_layer_table(results.get("sparsity", {})), "",
+             "## Sparsity schedule", "", "![sparsity](sparsity.png)", "",
+             "## Loss curves", "", "![loss](loss.png)", "",
+             "## Method", "", "```yaml", _yaml(cfg["method"]), "```", "",
+             "## Training", "", "```yaml", _yaml(cfg["training"]), "```", ""]
+    path = run.dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def write_pipeline_report(run_dir: Path, stages: list[dict]) -> Path:
+    """stages: {name, stage, task, method, dir, results}."""
+    lines = ["# sparsebert pipeline", "", "## Results (dense vs sparse, per stage)", "",
+             results_table(stages), "", "## Stages", ""]
+    for s in stages:
+        lines.append(f"- `{s['name']}`: [{s['name']}/report.md]({s['name']}/report.md), "
+                     f"sparsity {s['results'].get('sparsity', {}).get('overall', 0.0):.3f}, "
+                     f"{s['results'].get('time_s', 0):.0f} s")
+    last = [s for s in stages if s["stage"] == "downstream"]
+    if last:
+        lines += ["", "## Per-layer sparsity (" + last[0]["name"] + ")", "",
+                  per_layer_table(last[0]["results"].get("sparsity", {}))]
+    path = Path(run_dir) / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _yaml(obj) -> str:
+    import yaml
+    return yaml.safe_dump(obj, sort_keys=False).rstrip()

@@ -1,0 +1,329 @@
+"""Run directories: resolved config, metrics (JSON lines), atomic verified checkpoints, exports.
+
+    <run>/config.yaml          the resolved config (and config.json, with its hash)
+    <run>/metrics.jsonl        one JSON object per train log / evaluation
+    <run>/checkpoints/step-N/  model.safetensors, optimizer.safetensors + .json, method.safetensors + .json,
+                               trainer.json, rng.safetensors, manifest.json (size + sha256 of each file)
+    <run>/checkpoints/latest   the name of the newest complete checkpoint
+    <run>/model/               the final model for plain transformers (+ tokenizer)
+    <run>/done.json            final metrics; its presence marks the run complete
+    <run>/report.md, *.png     the report
+
+A checkpoint is written into a temp dir beside its final name, every file fsynced, then renamed;
+`latest` is replaced atomically after that, so a kill at any moment leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import config as C
+
+
+class RunError(RuntimeError):
+    """A run dir that cannot be used (different config, corrupted checkpoint), with a message for the user."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- nested state (optimizer / method state dicts) <-> safetensors + JSON ------------------------
+
+def split_tensors(obj: Any, tensors: dict, prefix: str = "t") -> Any:
+    """Replace every tensor in a nested structure by {"__tensor__": key}, collecting them in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}.{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[split_tensors(k, tensors, prefix), split_tensors(v, tensors, prefix)]
+                             for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__": [split_tensors(v, tensors, prefix) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def join_tensors(obj: Any, tensors: dict) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {join_tensors(k, tensors): join_tensors(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [join_tensors(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(join_tensors(v, tensors) for v in obj["__tuple__"])
+    return obj
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with tied (shared) tensors copied apart: safetensors refuses shared storage."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        out[k] = v.clone() if ptr in seen else v
+        if ptr is not None:
+            seen.add(ptr)
+    return out
+
+
+def rng_state() -> tuple[dict, dict]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
+                                                             float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict, meta: dict) -> None:
+    random.setstate((meta["python"][0], tuple(meta["python"][1]), meta["python"][2]))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+def kill_hook(point: str, step: int, where: str = "") -> None:
+    """Test hook: SPARSEBERT_KILL_AT=[<run dir name>@]<point>:<step> SIGKILLs this process there
+    (point: step = after that step's checkpoint/eval, checkpoint = halfway through writing one)."""
+    spec = os.environ.get("SPARSEBERT_KILL_AT")
+    if not spec:
+        return
+    name, _, at = spec.rpartition("@")
+    if at == f"{point}:{step}" and (not name or name == where):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Run:
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(path)
+        self.ckpt_dir = self.dir / "checkpoints"
+
+    # ---- creation / resume -----------------------------------------------------------------------
+    @staticmethod
+    def new_path(cfg: dict) -> Path:
+        """run.dir when given, else a fresh <out_dir>/<time>-<stage>-<method>."""
+        if cfg["run"].get("dir"):
+            return Path(cfg["run"]["dir"]).expanduser()
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = f"{stamp}-{cfg['stage']}"
+        if cfg["stage"] != "pipeline":
+            name += f"-{cfg['method']['name']}"
+        base = path = Path(cfg["run"]["out_dir"]).expanduser() / name
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(f"{base}-{n}")
+        return path
+
+    @classmethod
+    def create(cls, cfg: dict, path: str | os.PathLike | None = None) -> "Run":
+        run = cls(path if path is not None else cls.new_path(cfg))
+        if (run.dir / "config.json").exists():
+            raise RunError(f"{run.dir} already holds a run; pass --resume {run.dir} to continue it")
+        run.dir.mkdir(parents=True, exist_ok=True)
+        run.write_config(cfg)
+        return run
+
+    def write_config(self, cfg: dict) -> None:
+        atomic_write_text(self.dir / "config.yaml", C.dump(cfg))
+        atomic_write_text(self.dir / "config.json",
+                          json.dumps({"config": cfg, "hash": C.config_hash(cfg)}, indent=1, default=str))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        run = cls(path)
+        if not run.dir.is_dir():
+            raise RunError(f"resume dir {run.dir} does not exist")
+        if not (run.dir / "config.json").is_file():
+            raise RunError(f"{run.dir} is not a sparsebert run dir (no config.json)")
+        return run
+
+    def saved_config(self) -> dict:
+        try:
+            return json.loads((self.dir / "config.json").read_text())["config"]
+        except (OSError, ValueError, KeyError) as e:
+            raise RunError(f"{self.dir}/config.json is unreadable: {e}") from None
+
+    def check_same_config(self, cfg: dict) -> None:
+        diff = C.differences(C.comparable(self.saved_config()), C.comparable(cfg))
+        if diff:
+            raise RunError(f"resume dir {self.dir} was made with a different config:\n  "
+                           + "\n  ".join(f"{d}  (saved vs now)" for d in diff[:20]))
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").is_file()
+
+    # ---- metrics ---------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+
+    def metrics(self) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut by a kill
+                pass
+        return out
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop what was logged after the checkpoint, so the log reads as one run."""
+        keep = [r for r in self.metrics() if r.get("step", 0) <= step]
+        atomic_write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, model, optimizer, method, trainer_state: dict, keep: int = 1,
+                        scaler=None) -> Path:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_dir / f"step-{step:08d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".step-{step:08d}.", suffix=".tmp"))
+        try:
+            save_file(model_tensors(model), str(tmp / "model.safetensors"))
+            opt_tensors: dict = {}
+            opt_meta = split_tensors(optimizer.state_dict(), opt_tensors, "opt")
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+            m_tensors: dict = {}
+            m_meta = split_tensors(method.state_dict(), m_tensors, "method")
+            save_file(m_tensors, str(tmp / "method.safetensors"))
+            (tmp / "method.json").write_text(json.dumps(m_meta))
+            r_tensors, r_meta = rng_state()
+            save_file(r_tensors, str(tmp / "rng.safetensors"))
+            state = {**trainer_state, "rng": r_meta, "step": step}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            (tmp / "trainer.json").write_text(json.dumps(state, default=float))
+            kill_hook("checkpoint", step, self.dir.name)
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                        for name in files}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            for p in tmp.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.ckpt_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.ckpt_dir / "latest", final.name)
+        old = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir() and p != final)
+        for p in old[:max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.ckpt_dir.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        if not path.is_dir():
+            raise RunError(f"checkpoint {path} named by {pointer} is missing")
+        return path
+
+    @staticmethod
+    def verify(path: Path) -> None:
+        """Size and sha256 of every file against the manifest; refuses a corrupted checkpoint."""
+        manifest_path = path / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"checkpoint {path} is corrupted: manifest unreadable ({e})") from None
+        for name, want in manifest.items():
+            f = path / name
+            if not f.is_file():
+                raise RunError(f"checkpoint {path} is corrupted: {name} is missing")
+            size = f.stat().st_size
+            if size != want["size"]:
+                raise RunError(f"checkpoint {path} is corrupted: {name} has {size} bytes, manifest says {want['size']}")
+            if sha256_file(f) != want["sha256"]:
+                raise RunError(f"checkpoint {path} is corrupted: {name} fails its sha256 check")
+
+    @staticmethod
+    def load_checkpoint(path: Path, model, optimizer, method, scaler=None) -> dict:
+        """Restore everything into already-built objects; returns the trainer state (step, ...)."""
+        Run.verify(path)
+        state = json.loads((path / "trainer.json").read_text())
+        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise RunError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        optimizer.load_state_dict(join_tensors(json.loads((path / "optimizer.json").read_text()),
+                                               load_file(str(path / "optimizer.safetensors"))))
+        method.load_state_dict(join_tensors(json.loads((path / "method.json").read_text()),
+                                            load_file(str(path / "method.safetensors"))))
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+        return state
+
+    def finish(self, results: dict) -> None:
+        atomic_write_text(self.dir / "done.json", json.dumps(results, indent=1, default=float))
+
+    def results(self) -> dict:
+        return json.loads((self.dir / "done.json").read_text())

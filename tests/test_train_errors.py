@@ -1,0 +1,97 @@
+"""Bad input is refused with a clear message before any work starts (no run dir is made)."""
+import json
+import shutil
+
+import pytest
+
+from _train_fixtures import make_model, write_corpus, write_glue
+from sparsebert.train import main
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    return {"root": root, "mlm": make_model(root / "tiny-mlm"), "glue": write_glue(root / "glue", 8, 4),
+            "corpus": write_corpus(root / "corpus.txt", 10)}
+
+
+def refused(capsys, argv, message, run_dir=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    if run_dir is not None:
+        assert not run_dir.exists()
+    return err
+
+
+def base(env, stage, run_dir, *extra):
+    return [stage, "--model", str(env["mlm"]), "--data-dir", str(env["glue"]), "--task", "rte",
+            "--cache-dir", str(env["root"] / "cache"), "--run-dir", str(run_dir), "--max-len", "16",
+            "--batch-size", "4", "--threads", "1", "--method", "dense", *extra]
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("task", ["--task", "glue-nope"], "unknown task 'glue-nope'"),
+    ("method", ["--method", "magic"], "unknown method 'magic'"),
+    ("method-kwargs", ["--method", "dense", "--set", "method.nonsense=1"], "does not take these settings"),
+    ("model-dir", ["--model", "/nonexistent/model-dir"], "cannot be loaded by transformers"),
+    ("data-dir", ["--data-dir", "/nonexistent/glue"], "data dir /nonexistent/glue does not exist"),
+    ("sparsity-high", ["--set", "method.final_sparsity=1.0"], "method.final_sparsity must be a sparsity in [0, 1)"),
+    ("sparsity-low", ["--set", "method.initial_sparsity=-0.1"], "must be a sparsity in [0, 1)"),
+    ("key", ["--set", "training.lrr=1"], "unknown config key 'training.lrr'"),
+    ("precision", ["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+])
+def test_refused_before_work(env, capsys, tmp_path, case, extra, message):
+    run = tmp_path / "run"
+    refused(capsys, base(env, "downstream", run, *extra), message, run)
+
+
+def test_model_dir_without_config(env, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    refused(capsys, base(env, "teacher", tmp_path / "run", "--model", str(tmp_path / "empty")), "has no config.json",
+            tmp_path / "run")
+
+
+def test_missing_task_files_and_corpus(env, capsys, tmp_path):
+    refused(capsys, base(env, "teacher", tmp_path / "run", "--data-dir", str(tmp_path)), "no GLUE files for task rte")
+    refused(capsys, base(env, "upstream", tmp_path / "run", "--method", "dense", "--corpus", str(tmp_path / "no.txt")),
+            "no such file or dir", tmp_path / "run")
+
+
+def test_resume_from_different_config_and_corrupted_checkpoint(env, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(base(env, "teacher", run, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    refused(capsys, ["teacher", "--resume", str(run), "--lr", "1e-3", "--model", str(env["mlm"]),
+                     "--data-dir", str(env["glue"]), "--task", "rte"], "was made with a different config")
+    refused(capsys, ["upstream", "--resume", str(run)], "is a teacher run, not upstream")
+    refused(capsys, ["--resume", str(tmp_path / "nothing")], "does not exist")
+    # an unfinished run whose checkpoint was damaged on disk
+    (run / "done.json").unlink()
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+    good = (ckpt / "model.safetensors").read_bytes()
+    data = bytearray(good)
+    data[-10] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    refused(capsys, ["--resume", str(run)], "model.safetensors fails its sha256 check")
+    (ckpt / "model.safetensors").write_bytes(good)
+    (ckpt / "optimizer.safetensors").write_bytes(b"short")
+    refused(capsys, ["--resume", str(run)], "optimizer.safetensors has 5 bytes")
+    shutil.rmtree(ckpt)
+    refused(capsys, ["--resume", str(run)], "is missing")
+
+
+def test_task_by_name_needs_datasets(env, capsys, tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    argv = [a for a in base(env, "teacher", tmp_path / "run") if a != str(env["glue"]) and a != "--data-dir"]
+    refused(capsys, argv, "no --data-dir given and the `datasets` package is not installed", tmp_path / "run")
+
+
+def test_dense_upstream_without_mlm_head(env, capsys, tmp_path):
+    enc = make_model(tmp_path / "enc", mlm=False)
+    run = tmp_path / "run"
+    refused(capsys, ["pipeline", "--model", str(enc), "--method", "dense", "--corpus", str(env["corpus"]),
+                     "--tasks", "rte", "--data-dir", str(env["glue"]), "--run-dir", str(run)],
+            "needs a model with an MLM head", run)
