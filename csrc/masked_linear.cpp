@@ -116,10 +116,7 @@ at::Tensor movement_linear_cpu(const at::Tensor& x, const at::Tensor& weight, co
 at::Tensor masked_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& mask,
                                         bool weight_is_masked) {
   check_cpu_dtype(weight, "weight");
-  check_weight(weight);
-  check_same(grad_out, "grad_out", weight, "weight");
-  check_features(grad_out, "grad_out", weight.size(0), "out_features");
-  check_packed_mask(mask, weight, "mask");
+  check_grad_input(grad_out, weight, mask);
   // matmul folds the leading dimensions of grad_out into one GEMM, strided or not.
   return at::matmul(grad_out, weight_is_masked ? weight : masked_weight(weight, mask));
 }
@@ -146,12 +143,7 @@ std::tuple<at::Tensor, at::Tensor> movement_linear_grad_weight_cpu(const at::Ten
                                                                     const at::Tensor& weight,
                                                                     const at::Tensor& mask) {
   check_cpu_dtype(weight, "weight");
-  check_weight(weight);
-  check_same(x, "x", weight, "weight");
-  check_grad_weight_inputs(grad_out, x);
-  check_features(x, "x", weight.size(1), "in_features");
-  check_features(grad_out, "grad_out", weight.size(0), "out_features");
-  check_packed_mask(mask, weight, "mask");
+  check_movement_grad_weight(grad_out, x, weight, mask);
   at::Tensor g = grad_weight_gemm(grad_out, x);
   at::Tensor grad_scores = at::empty_like(g);
   mask_pass<true>(g, mask, g, weight.contiguous(), grad_scores);

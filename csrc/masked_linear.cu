@@ -320,10 +320,7 @@ at::Tensor movement_linear_cuda(const at::Tensor& x, const at::Tensor& weight, c
 at::Tensor masked_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& mask,
                                          bool weight_is_masked) {
   check_cuda_dtype(weight, "weight");
-  check_weight(weight);
-  check_same(grad_out, "grad_out", weight, "weight");
-  check_features(grad_out, "grad_out", weight.size(0), "out_features");
-  check_packed_mask(mask, weight, "mask");
+  check_grad_input(grad_out, weight, mask);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   if (weight_is_masked) return at::matmul(grad_out, weight);
   const at::Tensor gx = masked_gemm(as_2d(grad_out), weight, mask, std::nullopt,
@@ -350,12 +347,7 @@ std::tuple<at::Tensor, at::Tensor> movement_linear_grad_weight_cuda(const at::Te
                                                                      const at::Tensor& weight,
                                                                      const at::Tensor& mask) {
   check_cuda_dtype(weight, "weight");
-  check_weight(weight);
-  check_same(x, "x", weight, "weight");
-  check_grad_weight_inputs(grad_out, x);
-  check_features(x, "x", weight.size(1), "in_features");
-  check_features(grad_out, "grad_out", weight.size(0), "out_features");
-  check_packed_mask(mask, weight, "mask");
+  check_movement_grad_weight(grad_out, x, weight, mask);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor g = grad_weight_gemm(grad_out, x);
   at::Tensor grad_scores = at::empty_like(g);

@@ -64,6 +64,25 @@ inline void check_grad_weight_inputs(const at::Tensor& grad_out, const at::Tenso
               "grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must agree in all but the last dimension");
 }
 
+// grad_input: grad_out [..., out] against weight [out, in] and its mask.
+inline void check_grad_input(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& mask) {
+  check_weight(weight);
+  check_same(grad_out, "grad_out", weight, "weight");
+  check_features(grad_out, "grad_out", weight.size(0), "out_features");
+  check_packed_mask(mask, weight, "mask");
+}
+
+// movement grad_weight: grad_out [..., out] and x [..., in] against weight [out, in] and its mask.
+inline void check_movement_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& mask) {
+  check_weight(weight);
+  check_same(x, "x", weight, "weight");
+  check_grad_weight_inputs(grad_out, x);
+  check_features(x, "x", weight.size(1), "in_features");
+  check_features(grad_out, "grad_out", weight.size(0), "out_features");
+  check_packed_mask(mask, weight, "mask");
+}
+
 // A packed mask over an [out, in] weight that the op does not receive.
 inline void check_mask_shape(const at::Tensor& mask, int64_t out, int64_t in, const at::Tensor& like) {
   TORCH_CHECK(mask.scalar_type() == at::kByte, "mask must be a bit-packed uint8 mask, got ", mask.scalar_type());
