@@ -192,3 +192,14 @@ def test_scores_train_at_their_own_lr():
     assert 5e-3 < (module.scores - before_s).abs().max().item() <= 1e-2 * (1 + 1e-5)
     assert 5e-6 < (module.weight - before_w).abs().max().item() <= 1e-5 * (1 + 1e-5)
     assert opt.param_groups[-1]["lr"] == 1e-5  # restored after the step
+
+
+@pytest.mark.parametrize("name, objective", [("cap", "mlm"), ("sparsebert-kap", "representation"),
+                                             ("small-dense", "mlm"), ("dense", "representation")])
+def test_method_refuses_an_objective_it_cannot_train(name, objective):
+    from sparsebert.methods import MethodContext, get_method
+
+    ctx = MethodContext(student=torch.nn.Linear(2, 2), teacher=None, pretrained=None, objective=objective,
+                        num_labels=0, total_steps=1, steps_per_epoch=1, train_size=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=f"cannot train objective '{objective}'"):
+        get_method(name).setup(ctx)

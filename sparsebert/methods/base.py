@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 OBJECTIVES = ("classification", "regression", "mlm", "representation")
+TASK_OBJECTIVES = ("classification", "regression")
 
 
 @dataclasses.dataclass
@@ -70,6 +71,8 @@ class Method:
     """Base method: dense training with the task loss, AdamW, linear warm-up then linear decay."""
 
     name: ClassVar[str]
+    #: The objectives this method can train; setup() refuses the others.
+    objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
 
     def __init__(self, warmup_ratio: float = 0.1):
         if not 0.0 <= warmup_ratio < 1.0:
@@ -78,6 +81,8 @@ class Method:
         self.ctx: MethodContext | None = None
 
     def setup(self, ctx: MethodContext) -> None:
+        if ctx.objective not in self.objectives:
+            raise ValueError(f"method {self.name!r} cannot train objective {ctx.objective!r}; it trains {', '.join(self.objectives)}")
         self.ctx = ctx
 
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:

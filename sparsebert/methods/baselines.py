@@ -5,7 +5,7 @@ import math
 
 from torch import nn
 
-from .base import Method, register_method
+from .base import TASK_OBJECTIVES, Method, register_method
 from .sparse import SparseMethod
 
 
@@ -70,13 +70,12 @@ def small_dense(model: nn.Module, *, sparsity: float | None = None, num_layers: 
 class SmallDense(Method):
     """Fine-tune a dense student with fewer layers whose encoder non-zeros match the target sparsity."""
     name = "small-dense"
+    objectives = TASK_OBJECTIVES
 
     def __init__(self, warmup_ratio: float = 0.1, sparsity: float = 0.9, num_layers: int | None = None):
         super().__init__(warmup_ratio=warmup_ratio)
         self.sparsity, self.num_layers = sparsity, num_layers
 
     def setup(self, ctx) -> None:
-        if ctx.objective not in ("classification", "regression"):
-            raise ValueError("small-dense is a downstream baseline: objective must be classification or regression")
-        small_dense(ctx.student, sparsity=self.sparsity, num_layers=self.num_layers)
         super().setup(ctx)
+        small_dense(ctx.student, sparsity=self.sparsity, num_layers=self.num_layers)

@@ -4,13 +4,14 @@ or its structured variant over heads and FFN neurons (pattern "structured"), tra
 (snapshots during pruning) and FiC (fine-tuned teacher), each unsupervised + supervised. Sanh et al.'s
 schedule: warm-up at 0%, cubic to the target (90-97%), cool-down at the target; masks follow the scores
 every step."""
-from .base import register_method
+from .base import TASK_OBJECTIVES, register_method
 from .sparse import SparseMethod
 
 
 @register_method
 class CAP(SparseMethod):
     name = "cap"
+    objectives = TASK_OBJECTIVES
     defaults = {
         "sparsity": 0.9,
         "criterion": "movement",
@@ -24,7 +25,3 @@ class CAP(SparseMethod):
         "contrastive": {"temperature": 0.1, "unsupervised": 0.1, "supervised": 0.1},
     }
 
-    def setup(self, ctx) -> None:
-        if ctx.objective not in ("classification", "regression"):
-            raise ValueError("cap is a downstream method: objective must be classification or regression")
-        super().setup(ctx)

@@ -2,13 +2,14 @@
 the pre-trained model, with the fine-tuned model as teacher. Loss: attention MSE + hidden-state MSE +
 soft cross-entropy to the teacher's predictions (no hard labels); per-matrix magnitude pruning on a cubic
 schedule of ~100 events to 90-95%."""
-from .base import register_method
+from .base import TASK_OBJECTIVES, register_method
 from .sparse import SparseMethod
 
 
 @register_method
 class SparseBertKAP(SparseMethod):
     name = "sparsebert-kap"
+    objectives = TASK_OBJECTIVES
     defaults = {
         "sparsity": 0.9,
         "criterion": "magnitude",
@@ -20,7 +21,3 @@ class SparseBertKAP(SparseMethod):
         "distill": {"task": 0.0, "logits": 1.0, "temperature": 1.0, "logit_loss": "soft-ce", "hidden": 1.0, "attention": 1.0},
     }
 
-    def setup(self, ctx) -> None:
-        if ctx.objective not in ("classification", "regression"):
-            raise ValueError("sparsebert-kap is a downstream method: objective must be classification or regression")
-        super().setup(ctx)
