@@ -451,10 +451,8 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       const c10::List<std::optional<at::Tensor>>& masks, int64_t step, double lr, double beta1,
                       double beta2, double eps, double weight_decay, bool maximize, bool compact, bool check_finite) {
   const char* name = "masked_adamw_";
-  const std::vector<StateList> states = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  check_step_args(name, params, grads, states, /*states_may_be_empty=*/false, masks, compact, {at::kFloat, at::kDouble},
-                  /*allow_float_state=*/false);
-  TORCH_CHECK(step >= 1, name, ": step counts from 1, got ", step);
+  const std::vector<StateList> states =
+      checked_adamw_states(params, grads, exp_avgs, exp_avg_sqs, masks, step, compact, {at::kFloat, at::kDouble}, false);
   if (params.empty()) return;
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "masked_adamw_cpu", [&] {
     run_step<AdamWUpdate<scalar_t>, scalar_t>(name, make_adamw<scalar_t>(step, lr, beta1, beta2, eps, weight_decay, maximize),
@@ -468,11 +466,8 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool check_finite) {
   const char* name = "masked_sgd_";
   const bool has_momentum = momentum != 0.0;
-  const std::vector<StateList> states = {{"momentum_buffers", momentum_buffers}};
-  check_step_args(name, params, grads, states, /*states_may_be_empty=*/!has_momentum, masks, compact,
-                  {at::kFloat, at::kDouble}, /*allow_float_state=*/false);
-  TORCH_CHECK(has_momentum || momentum_buffers.empty(), name, ": momentum is 0, so momentum_buffers must be empty (got ",
-              momentum_buffers.size(), ")");
+  const std::vector<StateList> states =
+      checked_sgd_states(params, grads, momentum_buffers, masks, momentum, compact, {at::kFloat, at::kDouble}, false);
   if (params.empty()) return;
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "masked_sgd_cpu", [&] {
     if (has_momentum) {

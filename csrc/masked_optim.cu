@@ -268,10 +268,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
                        bool compact, bool check_finite) {
   const char* name = "masked_adamw_";
-  const std::vector<StateList> states = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  check_step_args(name, params, grads, states, /*states_may_be_empty=*/false, masks, compact,
-                  {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, /*allow_float_state=*/true);
-  TORCH_CHECK(step >= 1, name, ": step counts from 1, got ", step);
+  const std::vector<StateList> states =
+      checked_adamw_states(params, grads, exp_avgs, exp_avg_sqs, masks, step, compact, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, true);
   if (params.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_adamw_cuda", [&] {
     using P = scalar_t;
@@ -290,11 +288,8 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      bool check_finite) {
   const char* name = "masked_sgd_";
   const bool has_momentum = momentum != 0.0;
-  const std::vector<StateList> states = {{"momentum_buffers", momentum_buffers}};
-  check_step_args(name, params, grads, states, /*states_may_be_empty=*/!has_momentum, masks, compact,
-                  {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, /*allow_float_state=*/true);
-  TORCH_CHECK(has_momentum || momentum_buffers.empty(), name, ": momentum is 0, so momentum_buffers must be empty (got ",
-              momentum_buffers.size(), ")");
+  const std::vector<StateList> states =
+      checked_sgd_states(params, grads, momentum_buffers, masks, momentum, compact, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, true);
   if (params.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "masked_sgd_cuda", [&] {
     using P = scalar_t;

@@ -207,4 +207,33 @@ inline void check_compact_lengths(const char* op, c10::ArrayRef<StateList> state
   }
 }
 
+// The checks of each op's arguments, shared by the backends, which differ only in the param
+// dtypes they implement and whether half/bf16 params may keep float32 state. Return the state
+// lists for run_step.
+inline std::vector<StateList> checked_adamw_states(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                                   at::TensorList exp_avg_sqs,
+                                                   const c10::List<std::optional<at::Tensor>>& masks, int64_t step,
+                                                   bool compact, std::initializer_list<at::ScalarType> param_dtypes,
+                                                   bool allow_float_state) {
+  std::vector<StateList> states = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  check_step_args("masked_adamw_", params, grads, states, /*states_may_be_empty=*/false, masks, compact, param_dtypes,
+                  allow_float_state);
+  TORCH_CHECK(step >= 1, "masked_adamw_: step counts from 1, got ", step);
+  return states;
+}
+
+inline std::vector<StateList> checked_sgd_states(at::TensorList params, at::TensorList grads,
+                                                 at::TensorList momentum_buffers,
+                                                 const c10::List<std::optional<at::Tensor>>& masks, double momentum,
+                                                 bool compact, std::initializer_list<at::ScalarType> param_dtypes,
+                                                 bool allow_float_state) {
+  const bool has_momentum = momentum != 0.0;
+  std::vector<StateList> states = {{"momentum_buffers", momentum_buffers}};
+  check_step_args("masked_sgd_", params, grads, states, /*states_may_be_empty=*/!has_momentum, masks, compact,
+                  param_dtypes, allow_float_state);
+  TORCH_CHECK(has_momentum || momentum_buffers.empty(),
+              "masked_sgd_: momentum is 0, so momentum_buffers must be empty (got ", momentum_buffers.size(), ")");
+  return states;
+}
+
 }  // namespace sparsebert::optim
