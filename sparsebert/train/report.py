@@ -80,6 +80,19 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, ax, path: Path, ylabel: str) -> str:
+    """Label, legend and write one step-axis plot; returns its file name."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
 def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
     """loss.png (train loss, eval losses) and sparsity.png (schedule as logged + measured at evals)."""
     plt = _plt()
@@ -92,15 +105,7 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
     for key in sorted({k for r in evals for k in r if "loss" in k}):
         pts = [(r["step"], r[key]) for r in evals if key in r]
         ax.plot(*zip(*pts), marker="o", label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    made.append("loss.png")
+    made.append(_save(plt, fig, ax, out_dir / "loss.png", "loss"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in sorted({k for r in train for k in r if "sparsity" in k}):
         pts = [(r["step"], r[key]) for r in train if key in r]
@@ -110,16 +115,8 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
     pts = [(r["step"], r["sparsity"]) for r in evals if "sparsity" in r]
     if pts:
         ax.plot(*zip(*pts), marker="o", linestyle="--", label="measured at evaluation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("sparsity")
     ax.set_ylim(-0.02, 1.0)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "sparsity.png", dpi=100)
-    plt.close(fig)
-    made.append("sparsity.png")
+    made.append(_save(plt, fig, ax, out_dir / "sparsity.png", "sparsity"))
     return made
 
 
