@@ -95,3 +95,18 @@ def test_dense_upstream_without_mlm_head(env, capsys, tmp_path):
     refused(capsys, ["pipeline", "--model", str(enc), "--method", "dense", "--corpus", str(env["corpus"]),
                      "--tasks", "rte", "--data-dir", str(env["glue"]), "--run-dir", str(run)],
             "needs a model with an MLM head", run)
+
+
+@pytest.mark.parametrize("method,missing", [("sparsebert-kap", "--teacher DIR"), ("cap", "--teacher DIR")])
+def test_method_without_its_teacher(env, capsys, tmp_path, method, missing):
+    run = tmp_path / "run"
+    argv = [a if a != "dense" else method for a in base(env, "downstream", run)]
+    err = refused(capsys, argv, f"method {method!r} trains against the teacher model", run)
+    assert missing in err
+
+
+def test_evaluate_representation_without_teacher(env, capsys, tmp_path):
+    enc = make_model(tmp_path / "enc", mlm=False)
+    run = tmp_path / "run"
+    refused(capsys, ["evaluate", "--model", str(enc), "--corpus", str(env["corpus"]), "--run-dir", str(run)],
+            "pass --teacher <dense model>", run)

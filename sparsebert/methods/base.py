@@ -80,9 +80,17 @@ class Method:
         self.warmup_ratio = warmup_ratio
         self.ctx: MethodContext | None = None
 
+    def needs(self) -> frozenset[str]:
+        """The context's optional models ("teacher", "pretrained") this configuration trains against,
+        so a caller can refuse a missing one before it loads anything."""
+        return frozenset()
+
     def setup(self, ctx: MethodContext) -> None:
         if ctx.objective not in self.objectives:
             raise ValueError(f"method {self.name!r} cannot train objective {ctx.objective!r}; it trains {', '.join(self.objectives)}")
+        missing = sorted(role for role in self.needs() if getattr(ctx, role) is None)
+        if missing:
+            raise ValueError(f"method {self.name!r} trains against the {' and '.join(missing)} model: the context has none")
         self.ctx = ctx
 
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -69,13 +69,14 @@ class SparseMethod(Method):
         self.contrastive: ContrastiveModule | None = None
 
     # --- setup ---------------------------------------------------------------------------------------
+    def needs(self) -> frozenset[str]:
+        cc = self.contrastive_config
+        return frozenset({"teacher"} if self.distill.needs_teacher or (cc and cc.finetuned) else set()) | \
+            frozenset({"pretrained"} if cc and cc.pretrained else set())
+
     def setup(self, ctx) -> None:
         super().setup(ctx)
         c = self.config
-        if (self.distill.needs_teacher or (self.contrastive_config and self.contrastive_config.finetuned)) and ctx.teacher is None:
-            raise ValueError(f"method {self.name!r} distils from a teacher: the context has none")
-        if self.contrastive_config and self.contrastive_config.pretrained and ctx.pretrained is None:
-            raise ValueError(f"method {self.name!r}: PrC needs the pre-trained model in the context")
         if self.distill.attention:
             for model in (ctx.student, ctx.teacher):
                 _eager_attention(model)

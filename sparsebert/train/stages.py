@@ -161,9 +161,13 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
             from sparsebert.methods import get_method
             kwargs = {k: v for k, v in cfg["method"].items() if k != "name"}
             try:
-                get_method(cfg["method"]["name"], **kwargs)
+                method = get_method(cfg["method"]["name"], **kwargs)
             except TypeError as e:
                 raise StageError(f"method {cfg['method']['name']!r} does not take these settings: {e}") from None
+            missing = sorted(method.needs() - given_models(cfg, linked=not model_exists))
+            if missing:
+                raise StageError(f"method {cfg['method']['name']!r} trains against the {' and '.join(missing)} model: "
+                                 + " and ".join(f"pass --{role} DIR" for role in missing) + " (or run `pipeline`)")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if isinstance(e, StageError):
             raise
@@ -176,10 +180,29 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
             or (cfg["data"]["objective"] == "auto" and not has_mlm_head(cfg["model"]["name"]))):
         raise StageError(f"upstream with method 'dense' needs a model with an MLM head; {cfg['model']['name']!r} "
                          "has none (its objective would be representation distillation, which needs a pruning method)")
+    if stage == "evaluate" and on_corpus(cfg) and not cfg["model"]["teacher"] and (
+            cfg["data"]["objective"] == "representation"
+            or (cfg["data"]["objective"] == "auto" and not has_mlm_head(cfg["model"]["name"]))):
+        raise StageError("evaluating a model without MLM head on a corpus compares it with a dense "
+                         "model: pass --teacher <dense model>")
     if stage == "downstream" and cfg["model"]["teacher"]:
         check_model(cfg["model"]["teacher"], "teacher")
     if stage == "downstream" and cfg["model"]["pretrained"]:
         check_model(cfg["model"]["pretrained"], "pretrained model")
+
+
+def given_models(cfg: dict, linked: bool = False) -> set[str]:
+    """The optional models run_stage hands the method (see MethodContext); `linked`: a pipeline stage,
+    whose teacher link_plan will set."""
+    if cfg["stage"] == "upstream":
+        return {"teacher"}  # the dense model it starts from
+    roles = cfg.get("roles", {})
+    given = set()
+    if (cfg["model"]["teacher"] or linked) and roles.get("teacher") != "none":
+        given.add("teacher")
+    if cfg["model"]["pretrained"] or roles.get("pretrained"):
+        given.add("pretrained")
+    return given
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -343,9 +366,6 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
         train_f, dev_f = corpus_data(cfg, tokenizer)
         student = load_model(cfg["model"]["name"], objective).to(device)
         if stage == "evaluate":  # representation is measured against a dense model: --teacher
-            if objective == "representation" and not cfg["model"]["teacher"]:
-                raise StageError("evaluating a model without MLM head on a corpus compares it with a dense "
-                                 "model: pass --teacher <dense model>")
             teacher = frozen(load_model(cfg["model"]["teacher"], objective).to(device)) \
                 if objective == "representation" else None
         else:
