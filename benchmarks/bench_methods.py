@@ -1,6 +1,7 @@
 """Every method on SST-2 with the real MiniLM on CPU, at a bounded budget: dev accuracy and wall time.
 
     python benchmarks/bench_methods.py                      # full: ~2 h on CPU
+    python benchmarks/bench_methods.py --methods cap        # one method; rows are added to the results file
     python benchmarks/bench_methods.py --max-train 64 --max-dev 64 --epochs 1 --seeds90 1 --no80   # smoke
 
 Dense fine-tuning first (it is also the teacher of KAP, CAP and Prune OFA downstream), then every
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import math
 import os
 import pathlib
@@ -20,9 +22,10 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from harness import report  # noqa: E402
+from harness import RESULTS, report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sparsebert.methods import MethodContext, get_method, load_recipe  # noqa: E402
@@ -89,6 +92,7 @@ def fit(method, student, teacher, pretrained, data, objective, *, epochs, lr, ba
     opt = method.optimizer(lr, weight_decay)
     generator = torch.Generator().manual_seed(seed)
     step = 0
+    bar = tqdm(total=ctx.total_steps, desc=f"{method.name} {objective}", unit="step", leave=False)
     for _ in range(epochs):
         for batch in batches(data, batch_size, generator):
             for group in opt.param_groups:
@@ -100,6 +104,8 @@ def fit(method, student, teacher, pretrained, data, objective, *, epochs, lr, ba
             opt.step()
             method.after_step(step)
             step += 1
+            bar.update()
+    bar.close()
     student.eval()
     return method
 
@@ -130,12 +136,15 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=None, help="override the recipes' learning rates")
+    ap.add_argument("--lr", type=float, default=None, help="override the pruning recipes' learning rates (not the dense teacher's)")
     ap.add_argument("--seeds90", type=int, default=2, help="seeds at 90%% sparsity")
     ap.add_argument("--no80", action="store_true", help="skip the 80%% runs")
     ap.add_argument("--upstream-lines", type=int, default=2000, help="wikitext-2 lines for Prune OFA upstream")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="bench_methods")
+    ap.add_argument("--teacher-dir", type=pathlib.Path, default=ROOT / "runs" / "bench_methods_teacher",
+                    help="the fine-tuned dense model is saved here and reused by later invocations with the same budget")
+    ap.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to it")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,27 +163,41 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}")
 
-    rows = []
+    # Rows of earlier invocations stay, so methods can run one process at a time; a rerun replaces its row.
+    results = RESULTS / f"{args.name}_cpu.json"
+    rows = [] if args.fresh or not results.exists() else json.loads(results.read_text())["rows"]
 
     def record(method, sparsity, seed, model, seconds, extra=None):
         acc = accuracy(model, dev)
         measured = sparsity_report(model)["pruned"]["sparsity"] if hasattr(model, "sparsebert_config") else 0.0
+        rows[:] = [r for r in rows if (r["method"], r["target"], r["seed"]) != (method, sparsity, seed)]
         rows.append({"method": method, "target": sparsity, "seed": seed, "dev_acc": acc, "sparsity": measured,
                      "layers": model.config.num_hidden_layers, "wall_s": seconds, **(extra or {})})
-        print(rows[-1], flush=True)
+        rows.sort(key=lambda r: (METHODS.index(r["method"]), -r["target"], r["seed"]))
+        print(rows[-1] if rows[-1]["method"] == method else {"method": method, "dev_acc": acc}, flush=True)
+        report(args.name, rows, "cpu", extra={"args": {k: str(v) for k, v in vars(args).items()}})
 
-    def train_kw(training):
-        return {"epochs": args.epochs, "lr": args.lr or float(training.get("lr", 5e-5)), "batch_size": args.batch_size,
+    def train_kw(training, lr=None):
+        return {"epochs": args.epochs, "lr": lr or float(training.get("lr", 5e-5)), "batch_size": args.batch_size,
                 "weight_decay": float(training.get("weight_decay", 0.01))}
 
-    # The dense fine-tuned model: a row of the table and the teacher.
-    start = time.perf_counter()
-    teacher = copy.deepcopy(pretrained_clf)
-    kwargs, training = method_kwargs("dense", 0.0)
-    fit(get_method("dense", **kwargs), teacher, None, None, train, "classification", seed=0, **train_kw(training))
+    # The dense fine-tuned model: a row of the table and the teacher, trained once per budget.
+    budget = {k: getattr(args, k) for k in ("max_train", "epochs", "batch_size", "max_len")}
+    stamp = args.teacher_dir / "budget.json"
+    if stamp.exists() and json.loads(stamp.read_text())["budget"] == budget:
+        teacher = BertForSequenceClassification.from_pretrained(args.teacher_dir)
+        teacher_s = json.loads(stamp.read_text())["wall_s"]
+    else:
+        start = time.perf_counter()
+        teacher = copy.deepcopy(pretrained_clf)
+        kwargs, training = method_kwargs("dense", 0.0)
+        fit(get_method("dense", **kwargs), teacher, None, None, train, "classification", seed=0, **train_kw(training))
+        teacher_s = time.perf_counter() - start
+        teacher.save_pretrained(args.teacher_dir)
+        stamp.write_text(json.dumps({"budget": budget, "wall_s": teacher_s}))
     teacher.eval().requires_grad_(False)
     if "dense" in methods:
-        record("dense", 0.0, 0, teacher, time.perf_counter() - start)
+        record("dense", 0.0, 0, teacher, teacher_s)
 
     runs = [(0.9, s) for s in range(args.seeds90)] + ([] if args.no80 else [(0.8, 0)])
     for name in methods:
@@ -187,9 +210,9 @@ def main(argv=None):
             extra = {}
             if name == "prune-ofa":
                 extra["upstream_s"] = upstream(pretrained_enc, tokenizer, sparsity, seed, args, student)
-            fit(get_method(name, **kwargs), student, teacher, pretrained_enc, train, "classification", seed=seed, **train_kw(training))
+            fit(get_method(name, **kwargs), student, teacher, pretrained_enc, train, "classification", seed=seed,
+                **train_kw(training, args.lr))
             record(name, sparsity, seed, student, time.perf_counter() - start, extra)
-    report(args.name, rows, "cpu", extra={"args": vars(args)})
 
 
 def upstream(pretrained_enc, tokenizer, sparsity, seed, args, student) -> float:
