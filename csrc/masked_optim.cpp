@@ -5,8 +5,8 @@
 // read-only passes come before any write: the NaN/Inf check of the gradients (check_finite),
 // the popcount of every chunk of a mask (compact mode: the state offset of each chunk, and the
 // state lengths to check), then the update pass. Dense-state chunks run a vectorized loop
-// over tiles whose mask bits were expanded a byte (8 elements) at a time; compact chunks
-// compact their kept weights into buffers and run the same loop on those.
+// (masked ones then zero their pruned elements); compact chunks compact their kept weights
+// into buffers and run the same loop on those.
 
 // No fused multiply-adds: every operation rounds as in torch's own kernels, and the compact
 // and dense loops (vectorized differently) agree bit for bit.
@@ -161,24 +161,6 @@ SPARSEBERT_CLONES void update_tile(const Op op, T* __restrict p, const T* __rest
   }
 }
 
-template <class Op, typename T>
-void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end) {
-  if (t.mask == nullptr) {
-    update_tile<Op, T, false>(op, t.param + begin, t.grad + begin, advance(t.state[0], begin),
-                              advance(t.state[1], begin), nullptr, end - begin);
-    return;
-  }
-  for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
-    alignas(64) LaneBits<T> keep_buf[kTile + 8];
-    for (int64_t k = 0; k < n; k += kTile) {
-      const int64_t m = std::min(kTile, n - k);
-      const LaneBits<T>* keep = expand_bits(mask_row, c0 + k, m, keep_buf);
-      const int64_t at = flat + k;
-      update_tile<Op, T, true>(op, t.param + at, t.grad + at, advance(t.state[0], at), advance(t.state[1], at), keep, m);
-    }
-  });
-}
-
 // Bits [j, j + len) of a mask row, len <= 16, reading only the bytes they lie in.
 inline uint32_t mask_bits(const uint8_t* mask_row, int64_t j, int64_t len) {
   if (len == 16 && (j & 7) == 0) return mask_row[j >> 3] | static_cast<uint32_t>(mask_row[(j >> 3) + 1]) << 8;
@@ -269,6 +251,23 @@ __attribute__((target("avx512f,popcnt"))) void scatter_kept_avx512(const float* 
   }
 }
 
+constexpr int64_t kL1Tile = 1024;  // elements: 16 KiB of weights, gradients and moments
+
+// Zeroes the pruned ones among elements [0, n) of p, s0 and s1 (null: no such state), whose
+// mask bits are [c0, c0 + n) of a mask row.
+__attribute__((target("avx512f"))) void zero_pruned_avx512(const uint8_t* mask_row, int64_t c0, int64_t n, float* p,
+                                                           float* s0, float* s1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const int64_t len = std::min<int64_t>(16, n - k);
+    const __mmask16 pruned = static_cast<__mmask16>(~mask_bits(mask_row, c0 + k, len) & ((1u << len) - 1));
+    if (pruned == 0) continue;
+    _mm512_mask_storeu_ps(p + k, pruned, zero);
+    if (s0 != nullptr) _mm512_mask_storeu_ps(s0 + k, pruned, zero);
+    if (s1 != nullptr) _mm512_mask_storeu_ps(s1 + k, pruned, zero);
+  }
+}
+
 inline bool has_avx512() {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
   return avx512;
@@ -294,6 +293,45 @@ void scatter_kept(const T* p_buf, const Group* groups, int64_t num_groups, T* pa
   }
 #endif
   scatter_kept_scalar(p_buf, groups, num_groups, param);
+}
+
+// Dense-state update of a chunk. With AVX-512 (float), a masked row is updated tile by tile as
+// if dense, then its pruned elements are zeroed with masked stores while the tile is in L1:
+// expanding the mask bits to lane masks and ANDing every store (the portable path) made the
+// masked step 1.3x slower than the unmasked one.
+template <class Op, typename T>
+void update_chunk_dense(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end) {
+  if (t.mask == nullptr) {
+    update_tile<Op, T, false>(op, t.param + begin, t.grad + begin, advance(t.state[0], begin),
+                              advance(t.state[1], begin), nullptr, end - begin);
+    return;
+  }
+#if SPARSEBERT_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) {
+      for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
+        for (int64_t k = 0; k < n; k += kL1Tile) {
+          const int64_t m = std::min(kL1Tile, n - k);
+          const int64_t at = flat + k;
+          T* s0 = advance(t.state[0], at);
+          T* s1 = advance(t.state[1], at);
+          update_tile<Op, T, false>(op, t.param + at, t.grad + at, s0, s1, nullptr, m);
+          zero_pruned_avx512(mask_row, c0 + k, m, t.param + at, s0, s1);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  for_each_row_segment(t, begin, end, [&](const uint8_t* mask_row, int64_t c0, int64_t n, int64_t flat) {
+    alignas(64) LaneBits<T> keep_buf[kTile + 8];
+    for (int64_t k = 0; k < n; k += kTile) {
+      const int64_t m = std::min(kTile, n - k);
+      const LaneBits<T>* keep = expand_bits(mask_row, c0 + k, m, keep_buf);
+      const int64_t at = flat + k;
+      update_tile<Op, T, true>(op, t.param + at, t.grad + at, advance(t.state[0], at), advance(t.state[1], at), keep, m);
+    }
+  });
 }
 
 // Compact state: the kept weights of a chunk, in order, use consecutive state entries from
