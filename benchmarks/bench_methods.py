@@ -172,7 +172,8 @@ def main(argv=None):
         measured = sparsity_report(model)["pruned"]["sparsity"] if hasattr(model, "sparsebert_config") else 0.0
         rows[:] = [r for r in rows if (r["method"], r["target"], r["seed"]) != (method, sparsity, seed)]
         rows.append({"method": method, "target": sparsity, "seed": seed, "dev_acc": acc, "sparsity": measured,
-                     "layers": model.config.num_hidden_layers, "wall_s": seconds, **(extra or {})})
+                     "layers": model.config.num_hidden_layers, "wall_s": seconds, "threads": torch.get_num_threads(),
+                     **(extra or {})})
         rows.sort(key=lambda r: (METHODS.index(r["method"]), -r["target"], r["seed"]))
         print(rows[-1] if rows[-1]["method"] == method else {"method": method, "dev_acc": acc}, flush=True)
         report(args.name, rows, "cpu", extra={"args": {k: str(v) for k, v in vars(args).items()}})
