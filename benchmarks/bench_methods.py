@@ -167,12 +167,12 @@ def main(argv=None):
     results = RESULTS / f"{args.name}_cpu.json"
     rows = [] if args.fresh or not results.exists() else json.loads(results.read_text())["rows"]
 
-    def record(method, sparsity, seed, model, seconds, extra=None):
+    def record(method, sparsity, seed, model, seconds, extra=None, threads=None):
         acc = accuracy(model, dev)
         measured = sparsity_report(model)["pruned"]["sparsity"] if hasattr(model, "sparsebert_config") else 0.0
         rows[:] = [r for r in rows if (r["method"], r["target"], r["seed"]) != (method, sparsity, seed)]
         rows.append({"method": method, "target": sparsity, "seed": seed, "dev_acc": acc, "sparsity": measured,
-                     "layers": model.config.num_hidden_layers, "wall_s": seconds, "threads": torch.get_num_threads(),
+                     "layers": model.config.num_hidden_layers, "wall_s": seconds, "threads": threads or torch.get_num_threads(),
                      **(extra or {})})
         rows.sort(key=lambda r: (METHODS.index(r["method"]), -r["target"], r["seed"]))
         print(rows[-1] if rows[-1]["method"] == method else {"method": method, "dev_acc": acc}, flush=True)
@@ -187,18 +187,18 @@ def main(argv=None):
     stamp = args.teacher_dir / "budget.json"
     if stamp.exists() and json.loads(stamp.read_text())["budget"] == budget:
         teacher = BertForSequenceClassification.from_pretrained(args.teacher_dir)
-        teacher_s = json.loads(stamp.read_text())["wall_s"]
+        teacher_s, teacher_threads = (json.loads(stamp.read_text())[k] for k in ("wall_s", "threads"))
     else:
         start = time.perf_counter()
         teacher = copy.deepcopy(pretrained_clf)
         kwargs, training = method_kwargs("dense", 0.0)
         fit(get_method("dense", **kwargs), teacher, None, None, train, "classification", seed=0, **train_kw(training))
-        teacher_s = time.perf_counter() - start
+        teacher_s, teacher_threads = time.perf_counter() - start, torch.get_num_threads()
         teacher.save_pretrained(args.teacher_dir)
-        stamp.write_text(json.dumps({"budget": budget, "wall_s": teacher_s}))
+        stamp.write_text(json.dumps({"budget": budget, "wall_s": teacher_s, "threads": teacher_threads}))
     teacher.eval().requires_grad_(False)
     if "dense" in methods:
-        record("dense", 0.0, 0, teacher, teacher_s)
+        record("dense", 0.0, 0, teacher, teacher_s, threads=teacher_threads)
 
     runs = [(0.9, s) for s in range(args.seeds90)] + ([] if args.no80 else [(0.8, 0)])
     for name in methods:
