@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import sys
 import time
 
@@ -126,6 +127,25 @@ def accuracy(model, data, batch_size=64) -> float:
     return correct / data["input_ids"].shape[0]
 
 
+def summary(rows: list[dict]) -> str:
+    """Markdown: dev accuracy per method and sparsity, mean over seeds, and its share of the dense one."""
+    dense = next((r["dev_acc"] for r in rows if r["method"] == "dense"), None)
+    lines = ["| method | sparsity | seeds | dev accuracy (each seed) | mean | % of dense | wall time per run |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target"]), []).append(r)
+    for (method, target), runs in groups.items():
+        mean = statistics.mean(r["dev_acc"] for r in runs)
+        share = f"{100 * mean / dense:.1f}%" if dense else ""
+        minutes = statistics.mean(r["wall_s"] for r in runs) / 60
+        threads = "/".join(sorted({str(r.get("threads", "")) for r in runs}))
+        each = ", ".join(f"{r['dev_acc']:.3f}" for r in runs)
+        lines.append(f"| {method} | {target:.0%} | {len(runs)} | {each} | "
+                     f"{mean:.3f} | {share} | {minutes:.1f} min ({threads} threads) |")
+    return "\n".join(lines) + "\n"
+
+
 def method_kwargs(name: str, sparsity: float) -> tuple[dict, dict]:
     recipe = load_recipe(name, STAGE.get(name, "downstream"))
     kwargs = {k: v for k, v in recipe["method"].items() if k != "name"}
@@ -183,6 +203,7 @@ def main(argv=None):
         rows.sort(key=lambda r: (METHODS.index(r["method"]), -r["target"], r["seed"]))
         print(rows[-1] if rows[-1]["method"] == method else {"method": method, "dev_acc": acc}, flush=True)
         report(args.name, rows, "cpu", extra={"args": {k: str(v) for k, v in vars(args).items()}})
+        (RESULTS / f"{args.name}_cpu.md").write_text(summary(rows))
 
     def train_kw(training, lr=None):
         return {"epochs": args.epochs, "lr": lr or float(training.get("lr", 5e-5)), "batch_size": args.batch_size,
