@@ -189,19 +189,23 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}")
 
-    # Rows of earlier invocations stay, so methods can run one process at a time; a rerun replaces its row.
+    # Rows of earlier invocations stay, so methods can run one process at a time (or one per core);
+    # a rerun replaces its row.
     results = RESULTS / f"{args.name}_cpu.json"
-    rows = [] if args.fresh or not results.exists() else json.loads(results.read_text())["rows"]
+    if args.fresh:
+        results.unlink(missing_ok=True)
 
     def record(method, sparsity, seed, model, seconds, extra=None, threads=None):
         acc = accuracy(model, dev)
         measured = sparsity_report(model)["pruned"]["sparsity"] if hasattr(model, "sparsebert_config") else 0.0
-        rows[:] = [r for r in rows if (r["method"], r["target"], r["seed"]) != (method, sparsity, seed)]
-        rows.append({"method": method, "target": sparsity, "seed": seed, "dev_acc": acc, "sparsity": measured,
-                     "layers": model.config.num_hidden_layers, "wall_s": seconds, "threads": threads or torch.get_num_threads(),
-                     **(extra or {})})
-        rows.sort(key=lambda r: (METHODS.index(r["method"]), -r["target"], r["seed"]))
-        print(rows[-1] if rows[-1]["method"] == method else {"method": method, "dev_acc": acc}, flush=True)
+        # Read back just before writing: another invocation (one per core) may have added rows.
+        rows = [r for r in (json.loads(results.read_text())["rows"] if results.exists() else [])
+                if (r["method"], r["target"], r["seed"]) != (method, sparsity, seed)]
+        row = {"method": method, "target": sparsity, "seed": seed, "dev_acc": acc, "sparsity": measured,
+               "layers": model.config.num_hidden_layers, "wall_s": seconds,
+               "threads": threads or torch.get_num_threads(), **(extra or {})}
+        rows = sorted(rows + [row], key=lambda r: (METHODS.index(r["method"]), -r["target"], r["seed"]))
+        print(row, flush=True)
         report(args.name, rows, "cpu", extra={"args": {k: str(v) for k, v in vars(args).items()}})
         (RESULTS / f"{args.name}_cpu.md").write_text(summary(rows))
 

@@ -1,6 +1,7 @@
 """Shared timing and reporting for the op benchmarks: medians of repeated runs, ratios
 against the PyTorch baseline measured in the same run, a printed table and a JSON file."""
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -54,7 +55,10 @@ def report(name: str, rows: list[dict], device: str, extra: dict | None = None) 
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}_{device.split(':')[0]}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": environment(device), "rows": rows, **(extra or {})}, indent=2) + "\n")
+    # Atomically: bench_methods processes read the file back while another may be writing it.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"benchmark": name, "environment": environment(device), "rows": rows, **(extra or {})}, indent=2) + "\n")
+    os.replace(tmp, path)
     print(f"wrote {path}")
     return path
 
