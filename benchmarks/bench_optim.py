@@ -114,7 +114,8 @@ def main() -> None:
             "state_vs_fused": state_bytes[name] / fused_bytes,
             "rounds_ms": [round(t * 1e3, 1) for t in times[name]],
         })
-    harness.report("optim", rows, device, extra={
+    name = "optim" if args.threads is None else f"optim_{args.threads}thread"
+    harness.report(name, rows, device, extra={
         "params": numel, "kept": kept, "sparsity": args.sparsity, "repeats": args.repeats, "rounds": args.rounds,
         "correctness_max_abs_err": max_err,
         "note": "one step() over BERT-base encoder weights; state_MB includes step counters and, for compact "
