@@ -165,6 +165,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=4e-4, help="override the pruning recipes' learning rates (not the dense teacher's)")
     ap.add_argument("--seeds90", type=int, default=2, help="seeds at 90%% sparsity")
     ap.add_argument("--no80", action="store_true", help="skip the 80%% runs")
+    ap.add_argument("--runs", default=None, help="instead: sparsity:seed pairs, e.g. 0.9:1,0.8:0")
     ap.add_argument("--upstream-lines", type=int, default=2000, help="wikitext-2 lines for Prune OFA upstream")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="bench_methods")
@@ -232,6 +233,8 @@ def main(argv=None):
         record("dense", 0.0, 0, teacher, teacher_s, threads=teacher_threads)
 
     runs = [(0.9, s) for s in range(args.seeds90)] + ([] if args.no80 else [(0.8, 0)])
+    if args.runs:
+        runs = [(float(sp), int(seed)) for sp, seed in (pair.split(":") for pair in args.runs.split(","))]
     for name in methods:
         if name == "dense":
             continue
