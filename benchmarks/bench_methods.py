@@ -142,7 +142,7 @@ def summary(rows: list[dict]) -> str:
         threads = "/".join(sorted({str(r.get("threads", "")) for r in runs}))
         each = ", ".join(f"{r['dev_acc']:.3f}" for r in runs)
         lines.append(f"| {method} | {target:.0%} | {len(runs)} | {each} | "
-                     f"{mean:.3f} | {share} | {minutes:.1f} min ({threads} threads) |")
+                     f"{mean:.3f} | {share} | {minutes:.1f} min ({threads} thread{'' if threads == '1' else 's'}) |")
     return "\n".join(lines) + "\n"
 
 
