@@ -65,6 +65,14 @@ def has_mlm_head(name: str) -> bool:
     return any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs)
 
 
+def corpus_objective(cfg: dict) -> str:
+    """A corpus stage's objective: "auto" is mlm where the model has an MLM head, else representation."""
+    objective = cfg["data"]["objective"]
+    if objective == "auto":
+        return "mlm" if has_mlm_head(cfg["model"]["name"]) else "representation"
+    return objective
+
+
 def _quiet_transformers():
     import transformers
     transformers.logging.set_verbosity_error()
@@ -175,14 +183,11 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
     if not model_exists:  # a pipeline's downstream: its models are written by the earlier stages
         return
     check_model(cfg["model"]["name"])
-    if stage == "upstream" and cfg["method"]["name"] == "dense" and (
-            cfg["data"]["objective"] == "representation"
-            or (cfg["data"]["objective"] == "auto" and not has_mlm_head(cfg["model"]["name"]))):
+    if stage == "upstream" and cfg["method"]["name"] == "dense" and corpus_objective(cfg) == "representation":
         raise StageError(f"upstream with method 'dense' needs a model with an MLM head; {cfg['model']['name']!r} "
                          "has none (its objective would be representation distillation, which needs a pruning method)")
-    if stage == "evaluate" and on_corpus(cfg) and not cfg["model"]["teacher"] and (
-            cfg["data"]["objective"] == "representation"
-            or (cfg["data"]["objective"] == "auto" and not has_mlm_head(cfg["model"]["name"]))):
+    if (stage == "evaluate" and on_corpus(cfg) and not cfg["model"]["teacher"]
+            and corpus_objective(cfg) == "representation"):
         raise StageError("evaluating a model without MLM head on a corpus compares it with a dense "
                          "model: pass --teacher <dense model>")
     if stage == "downstream" and cfg["model"]["teacher"]:
@@ -192,8 +197,8 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
 
 
 def given_models(cfg: dict, linked: bool = False) -> set[str]:
-    """The optional models run_stage hands the method (see MethodContext); `linked`: a pipeline stage,
-    whose teacher link_plan will set."""
+    """The optional models run_stage hands the method (see MethodContext), so that preflight and
+    run_stage agree; `linked`: a pipeline stage, whose teacher link_plan will set."""
     if cfg["stage"] == "upstream":
         return {"teacher"}  # the dense model it starts from
     roles = cfg.get("roles", {})
@@ -343,8 +348,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
             if teacher.config.num_labels != num_labels:
                 raise StageError(f"teacher {cfg['model']['teacher']} has {teacher.config.num_labels} labels, "
                                  f"task {task.name} has {num_labels}")
-        roles = cfg.get("roles", {})
-        if stage == "downstream" and (cfg["model"]["pretrained"] or roles.get("pretrained")):
+        if stage == "downstream" and "pretrained" in given_models(cfg):
             pretrained = frozen(load_model(cfg["model"]["pretrained"] or cfg["model"]["name"],
                                            "representation").to(device))
 
@@ -359,9 +363,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
         ref_model = teacher
         ref_name = "teacher"
     else:  # upstream
-        objective = cfg["data"]["objective"]
-        if objective == "auto":
-            objective = "mlm" if has_mlm_head(cfg["model"]["name"]) else "representation"
+        objective = corpus_objective(cfg)
         num_labels = 0
         train_f, dev_f = corpus_data(cfg, tokenizer)
         student = load_model(cfg["model"]["name"], objective).to(device)
@@ -419,7 +421,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     from sparsebert.methods import MethodContext, get_method
     steps_per_epoch, total_steps = schedule(len(train_f), t)
     method = get_method(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
-    method_teacher = None if cfg.get("roles", {}).get("teacher") == "none" and stage != "upstream" else teacher
+    method_teacher = teacher if "teacher" in given_models(cfg) else None
     ctx = MethodContext(student=student, teacher=method_teacher, pretrained=pretrained, objective=objective,
                         num_labels=num_labels, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                         train_size=len(train_f), device=device)
