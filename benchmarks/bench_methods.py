@@ -217,9 +217,10 @@ def main(argv=None):
     # The dense fine-tuned model: a row of the table and the teacher, trained once per budget.
     budget = {k: getattr(args, k) for k in ("max_train", "epochs", "batch_size", "max_len")}
     stamp = args.teacher_dir / "budget.json"
-    if stamp.exists() and json.loads(stamp.read_text())["budget"] == budget:
+    saved = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if saved.get("budget") == budget:
         teacher = BertForSequenceClassification.from_pretrained(args.teacher_dir)
-        teacher_s, teacher_threads = (json.loads(stamp.read_text())[k] for k in ("wall_s", "threads"))
+        teacher_s, teacher_threads = saved["wall_s"], saved["threads"]
     else:
         start = time.perf_counter()
         teacher = copy.deepcopy(pretrained_clf)
