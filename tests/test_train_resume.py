@@ -31,7 +31,7 @@ def args(env, run_dir):
             "--tasks", "sst2", "--data-dir", str(env["glue"]), "--cache-dir", str(env["root"] / "cache"),
             "--run-dir", str(run_dir), "--max-len", "16", "--batch-size", "4", "--threads", "1", "--max-steps", "6",
             "--set", "training.checkpoint_every=2", "training.eval_every=2", "training.log_every=1",
-            "method.sparsity=0.6", *extra]
+            "training.group_by_length=true", "method.sparsity=0.6", *extra]
 
 
 def final_state(run_dir, stage):

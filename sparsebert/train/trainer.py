@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..data.order import epoch_order
 from .runs import Run, kill_hook
 
 
@@ -18,11 +19,6 @@ def schedule(train_size: int, training: dict) -> tuple[int, int]:
     steps_per_epoch = max(1, math.ceil(train_size / training["batch_size"]))
     total = training["max_steps"] or max(1, math.ceil(training["epochs"] * steps_per_epoch))
     return steps_per_epoch, int(total)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The example order of an epoch: a function of (seed, epoch) only, so a resume rebuilds it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def autocast(device: torch.device, precision: str):
@@ -103,10 +99,11 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, unit="step", dynamic_ncols=True,
                    mininterval=2.0)
         order, order_epoch = None, -1
+        lengths = [len(f["input_ids"]) for f in self.train_features] if self.t["group_by_length"] else None
         while self.step < self.total_steps:
             epoch, pos = divmod(self.step, self.steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(n, seed, epoch), epoch
+                order, order_epoch = epoch_order(n, seed, epoch, lengths, bs), epoch
             idx = order[pos * bs:(pos + 1) * bs].tolist()
             batch = move(self.make_batch([self.train_features[i] for i in idx], self.step), self.device)
             lr = self.method.lr_at(self.step, self.t["lr"])
