@@ -165,10 +165,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return match.group(1), {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
-def method_kwargs(spec: str, sparsity: float) -> tuple[dict, dict]:
-    name, overrides = parse_method(spec)
+def method_kwargs(name: str, sparsity: float, overrides: dict | None = None) -> tuple[dict, dict]:
     recipe = load_recipe(name, STAGE.get(name, "downstream"))
-    kwargs = {k: v for k, v in recipe["method"].items() if k != "name"} | overrides
+    kwargs = {k: v for k, v in recipe["method"].items() if k != "name"} | (overrides or {})
     if name != "dense":
         kwargs["sparsity"] = sparsity
     return kwargs, recipe["training"]
@@ -176,7 +175,9 @@ def method_kwargs(spec: str, sparsity: float) -> tuple[dict, dict]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ",".join(METHODS) + "; a method may override its recipe's options: cap[criterion=magnitude]")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated, from: " + ",".join(METHODS) +
+                    "; a method may override its recipe's options: cap[criterion=magnitude]")
     ap.add_argument("--max-train", type=int, default=8000)
     ap.add_argument("--max-dev", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=3)
@@ -196,7 +197,12 @@ def main(argv=None):
                     help="the fine-tuned dense model is saved here and reused by later invocations with the same budget")
     ap.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to it")
     args = ap.parse_args(argv)
-    args.name = args.name or f"bench_methods_{args.max_train}x{args.epochs}{'' if args.group_by_length else '_shuffled'}"
+    shuffled = "" if args.group_by_length else "_shuffled"
+    args.name = args.name or f"bench_methods_{args.max_train}x{args.epochs}{shuffled}"
+    try:
+        methods = [(spec, *parse_method(spec)) for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods)]
+    except ValueError as error:
+        ap.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
@@ -209,12 +215,6 @@ def main(argv=None):
     dev = encode(tokenizer, *read_sst2("dev", args.max_dev, 0), args.max_len)
     pretrained_clf = BertForSequenceClassification.from_pretrained(path, num_labels=2)
     pretrained_enc = BertModel.from_pretrained(path, add_pooling_layer=False).eval().requires_grad_(False)
-    methods = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods)
-    for spec in methods:
-        try:
-            parse_method(spec)
-        except ValueError as error:
-            ap.error(str(error))
 
     # Rows of earlier invocations stay, so methods can run one process at a time (or one per core);
     # a rerun replaces its row.
@@ -231,7 +231,8 @@ def main(argv=None):
         row = {"method": method, "target": sparsity, "seed": seed, "dev_acc": acc, "sparsity": measured,
                "layers": model.config.num_hidden_layers, "wall_s": seconds,
                "threads": threads or torch.get_num_threads(), **(extra or {})}
-        rows = sorted(rows + [row], key=lambda r: (METHODS.index(parse_method(r["method"])[0]), r["method"], -r["target"], r["seed"]))
+        rows = sorted(rows + [row], key=lambda r: (METHODS.index(parse_method(r["method"])[0]), r["method"],
+                                                   -r["target"], r["seed"]))
         print(row, flush=True)
         report(args.name, rows, "cpu", extra={"args": {k: str(v) for k, v in vars(args).items()}})
         (RESULTS / f"{args.name}_cpu.md").write_text(summary(rows))
@@ -256,25 +257,25 @@ def main(argv=None):
         teacher.save_pretrained(args.teacher_dir)
         stamp.write_text(json.dumps({"budget": budget, "wall_s": teacher_s, "threads": teacher_threads}))
     teacher.eval().requires_grad_(False)
-    if "dense" in methods:
+    if any(name == "dense" for _, name, _ in methods):
         record("dense", 0.0, 0, teacher, teacher_s, threads=teacher_threads)
 
     runs = [(0.9, s) for s in range(args.seeds90)] + ([] if args.no80 else [(0.8, 0)])
     if args.runs:
         runs = [(float(sp), int(seed)) for sp, seed in (pair.split(":") for pair in args.runs.split(","))]
-    for name in methods:
+    for spec, name, overrides in methods:
         if name == "dense":
             continue
         for sparsity, seed in runs:
             start = time.perf_counter()
-            kwargs, training = method_kwargs(name, sparsity)
+            kwargs, training = method_kwargs(name, sparsity, overrides)
             student = copy.deepcopy(pretrained_clf)
             extra = {}
-            if parse_method(name)[0] == "prune-ofa":
+            if name == "prune-ofa":
                 extra["upstream_s"] = upstream(pretrained_enc, tokenizer, sparsity, seed, args, student)
-            fit(get_method(parse_method(name)[0], **kwargs), student, teacher, pretrained_enc, train, "classification", seed=seed,
+            fit(get_method(name, **kwargs), student, teacher, pretrained_enc, train, "classification", seed=seed,
                 **train_kw(training, args.lr))
-            record(name, sparsity, seed, student, time.perf_counter() - start, extra)
+            record(spec, sparsity, seed, student, time.perf_counter() - start, extra)
 
 
 def upstream(pretrained_enc, tokenizer, sparsity, seed, args, student) -> float:

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "epochs": 3.0,             # used when max_steps is None
         "max_steps": None,
         "batch_size": 32,
-        "group_by_length": False,  # batch examples of similar length (less padding: ~3x faster on SST-2)
+        "group_by_length": False,  # batch examples of similar length (SST-2: 2.9x fewer padded tokens)
         "eval_batch_size": 128,
         "lr": 5e-5,
         "weight_decay": 0.01,
