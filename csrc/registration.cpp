@@ -11,6 +11,7 @@ PyObject* PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr) {
     PyModule_AddIntConstant(module, "with_cuda", SPARSEBERT_WITH_CUDA);
+    PyModule_AddIntConstant(module, "with_openmp", SPARSEBERT_WITH_OPENMP);
   }
   return module;
 }

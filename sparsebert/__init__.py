@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 
 #: Backends the compiled extension was built with, e.g. ("cpu",) or ("cpu", "cuda").
 backends: tuple[str, ...] = ("cpu", "cuda") if _C.with_cuda else ("cpu",)
+#: Whether the CPU kernels run on torch's intra-op threads (built with OpenMP) or on one thread.
+cpu_parallel: bool = bool(_C.with_openmp)
 
 from . import ops, optim  # noqa: E402,F401
 
