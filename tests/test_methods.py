@@ -203,3 +203,22 @@ def test_method_refuses_an_objective_it_cannot_train(name, objective):
                         num_labels=0, total_steps=1, steps_per_epoch=1, train_size=1, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=f"cannot train objective '{objective}'"):
         get_method(name).setup(ctx)
+
+
+def test_magnitude_score_init_makes_the_first_mask_a_magnitude_mask():
+    method = get_method("cap", score_init="magnitude", schedule="one-shot", sparsity=0.7, contrastive=None,
+                        distill={"task": 1.0})
+    student = classifier()
+    method.setup(context(student))
+    for module in masked_modules(student).values():
+        assert torch.equal(module.scores, module.weight.abs())  # movement keeps pruned weights
+        w = module.weight.detach().abs().flatten()
+        k = w.numel() - math.floor(0.7 * w.numel())
+        assert torch.equal(module.dense_mask().flatten(), w >= w.topk(k).values.min())
+
+
+def test_score_init_is_checked():
+    with pytest.raises(ValueError, match="score_init must be one of"):
+        get_method("cap", score_init="ones")
+    with pytest.raises(ValueError, match="needs a movement criterion"):
+        get_method("gradual-magnitude", score_init="magnitude")
