@@ -108,19 +108,25 @@ def fit(method, student, teacher, pretrained, data, objective, *, epochs, lr, ba
     bar = tqdm(total=ctx.total_steps, desc=f"{method.name} {objective}", unit="step", leave=False)
     for epoch in range(epochs):
         for batch in batches(data, batch_size, epoch_order(n, seed, epoch, lengths, batch_size)):
-            for group in opt.param_groups:
-                group["lr"] = method.lr_at(step, lr)  # lr_scale (movement scores) is applied in the step
-            loss, _ = method.training_loss(batch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-            opt.step()
-            method.after_step(step)
+            train_step(method, opt, batch, step, lr)
             step += 1
             bar.update()
     bar.close()
     student.eval()
     return method
+
+
+def train_step(method, opt, batch, step: int, lr: float) -> torch.Tensor:
+    """One step of the trainer contract; returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = method.lr_at(step, lr)  # lr_scale (movement scores) is applied in the step
+    loss, _ = method.training_loss(batch, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    method.after_step(step)
+    return loss
 
 
 @torch.no_grad()

@@ -88,14 +88,7 @@ def main(argv=None):
     epoch = 0
     while step < steps[-1]:
         for batch in bm.batches(train, batch_size, epoch_order(n, 0, epoch, train["attention_mask"].sum(1), batch_size)):
-            for group in opt.param_groups:
-                group["lr"] = method.lr_at(step, args.lr)
-            loss, _ = method.training_loss(batch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-            opt.step()
-            method.after_step(step)
+            loss = bm.train_step(method, opt, batch, step, args.lr)
             step += 1
             if step in steps:
                 scores = {name: m.scores.detach().clone() for name, m in zip(names, modules)}
