@@ -2,8 +2,8 @@
 or its structured variant over heads and FFN neurons (pattern "structured"), trained with 0.1 task CE +
 0.9 KD (T=2) from the fine-tuned teacher, plus the contrastive terms PrC (pre-trained model), SnC
 (snapshots during pruning) and FiC (fine-tuned teacher), each unsupervised + supervised. Sanh et al.'s
-schedule: warm-up at 0%, cubic to the target (90-97%), cool-down at the target; masks follow the scores
-every step."""
+schedule: warm-up at 0% for an epoch, cubic to the target (90-97%), cool-down at the target; masks follow
+the scores every step."""
 from .base import TASK_OBJECTIVES, register_method
 from .sparse import SparseMethod
 
@@ -17,7 +17,7 @@ class CAP(SparseMethod):
         "criterion": "movement",
         "pattern": "tensor",
         "schedule": "sanh",
-        "warmup_frac": 0.1,
+        "warmup_frac": 0.334,  # one epoch of the recipe's three: the scores need it (see recipes/cap)
         "cooldown_frac": 0.2,
         "frequency": 1,
         "score_lr": 1e-2,
