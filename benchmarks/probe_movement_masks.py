@@ -27,13 +27,13 @@ from sparsebert.data.order import epoch_order  # noqa: E402
 from sparsebert.methods import MethodContext, get_method  # noqa: E402
 
 
-def masked_accuracy(teacher, names, key, sparsity, dev) -> float:
-    """Dev accuracy of the teacher with, in each matrix, the `sparsity` share of lowest key(name) zeroed."""
+def masked_accuracy(teacher, scores, key, sparsity, dev) -> float:
+    """Dev accuracy of the teacher with, in each scored matrix, the `sparsity` share of lowest key(S, W) zeroed."""
     model = copy.deepcopy(teacher)
     with torch.no_grad():
-        for name in names:
+        for name, s in scores.items():
             weight = model.get_parameter(name + ".weight")
-            order = key(name, weight).flatten().argsort(stable=True)
+            order = key(s, weight).flatten().argsort(stable=True)
             weight.view(-1)[order[: math.floor(sparsity * weight.numel())]] = 0
     return bm.accuracy(model, dev)
 
@@ -68,9 +68,9 @@ def main(argv=None):
     # Pruning held off (warm-up over the whole run): the scores train, the masks stay full.
     method = get_method("cap", contrastive=None, warmup_frac=0.99, score_lr=args.score_lr, score_init=args.score_init)
     n, batch_size = train["input_ids"].shape[0], 32
-    total = 3 * math.ceil(n / batch_size)
+    steps_per_epoch = math.ceil(n / batch_size)
     ctx = MethodContext(student=student, teacher=teacher, pretrained=None, objective="classification", num_labels=2,
-                        total_steps=total, steps_per_epoch=math.ceil(n / batch_size), train_size=n,
+                        total_steps=3 * steps_per_epoch, steps_per_epoch=steps_per_epoch, train_size=n,
                         device=torch.device("cpu"))
     torch.manual_seed(0)
     method.setup(ctx)
@@ -79,13 +79,12 @@ def main(argv=None):
     names, modules = method.pruner.names, method.pruner.modules
     generator = torch.Generator().manual_seed(0)
     keys = {
-        "S": lambda scores: lambda name, w: scores[name],
-        "-S": lambda scores: lambda name, w: -scores[name],
-        "random": lambda scores: lambda name, w: torch.rand(w.shape, generator=generator),
-        "|W|": lambda scores: lambda name, w: w.abs(),
+        "S": lambda s, w: s,
+        "-S": lambda s, w: -s,
+        "random": lambda s, w: torch.rand(w.shape, generator=generator),
+        "|W|": lambda s, w: w.abs(),
     }
-    rows, step = [], 0
-    epoch = 0
+    rows, step, epoch = [], 0, 0
     while step < steps[-1]:
         for batch in bm.batches(train, batch_size, epoch_order(n, 0, epoch, train["attention_mask"].sum(1), batch_size)):
             loss = bm.train_step(method, opt, batch, step, args.lr)
@@ -93,9 +92,9 @@ def main(argv=None):
             if step in steps:
                 scores = {name: m.scores.detach().clone() for name, m in zip(names, modules)}
                 row = {"step": step, "loss": loss.item(), "max_abs_S": max(float(s.abs().max()) for s in scores.values())}
-                for label, make in keys.items():
+                for label, key in keys.items():
                     for sparsity in (0.25, 0.5):
-                        row[f"{label}@{sparsity:.0%}"] = masked_accuracy(teacher, names, make(scores), sparsity, dev)
+                        row[f"{label}@{sparsity:.0%}"] = masked_accuracy(teacher, scores, key, sparsity, dev)
                 print(row, flush=True)
                 rows.append(row)
             if step >= steps[-1]:

@@ -21,10 +21,9 @@ from ..sparsity.sparsify import ENCODER_LINEARS, sparsify
 from .base import Method, linear_warmup_decay, model_inputs
 
 MOVEMENT = ("movement", "soft-movement")
-# Zero scores rank weights by movement alone, which needs a long run: in 750 steps on SST-2 the
-# first masks of MiniLM (chosen by a few dozen near-sign-only Adam steps) prune sets whose removal
-# collapses the model, and it never recovers. Scores from |W| make the first masks magnitude masks,
-# and movement re-ranks from there.
+# Zero scores rank weights by movement alone, which needs about an epoch of warm-up: after a few
+# dozen near-sign-only Adam steps their masks collapse MiniLM on SST-2 (README, "CAP's movement
+# scores"). Scores from |W| make the first masks magnitude masks, for runs too short to warm up.
 SCORE_INITS = ("zeros", "magnitude")
 
 COMMON: dict[str, Any] = {
