@@ -219,6 +219,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     train = encode(tokenizer, *read_sst2("train", args.max_train, 0), args.max_len)
     dev = encode(tokenizer, *read_sst2("dev", args.max_dev, 0), args.max_len)
+    torch.manual_seed(0)  # the new classifier head's init: without it, a run was not a function of its seed
     pretrained_clf = BertForSequenceClassification.from_pretrained(path, num_labels=2)
     pretrained_enc = BertModel.from_pretrained(path, add_pooling_layer=False).eval().requires_grad_(False)
 

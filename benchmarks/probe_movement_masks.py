@@ -63,6 +63,7 @@ def main(argv=None):
     train = bm.encode(tokenizer, *bm.read_sst2("train", args.max_train, 0), 64)
     dev = bm.encode(tokenizer, *bm.read_sst2("dev", args.max_dev, 0), 64)
     teacher = BertForSequenceClassification.from_pretrained(teacher_dir).eval().requires_grad_(False)
+    torch.manual_seed(0)  # the new classifier head's init: without it, a run was not a function of its seed
     student = BertForSequenceClassification.from_pretrained(path, num_labels=2)
 
     # Pruning held off (warm-up over the whole run): the scores train, the masks stay full.
