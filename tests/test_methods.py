@@ -222,3 +222,32 @@ def test_score_init_is_checked():
         get_method("cap", score_init="ones")
     with pytest.raises(ValueError, match="needs a movement criterion"):
         get_method("gradual-magnitude", score_init="magnitude")
+
+
+def test_lr_scales_give_matching_parameters_their_own_lr():
+    method = get_method("oneshot-magnitude", sparsity=0.5, lr_scales={r"embeddings\.": 0.1, "classifier": 2.0})
+    student = classifier()
+    method.setup(context(student))
+    opt = method.optimizer(1e-3, 0.01)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    for name, param in student.named_parameters():
+        scale = 0.1 if "embeddings." in name else 2.0 if "classifier" in name else 1.0
+        assert scale_of[id(param)] == (scale, 0.01 if param.dim() >= 2 else 0.0), name
+    emb, enc = student.bert.embeddings.word_embeddings.weight, student.bert.encoder.layer[0].output.dense.bias
+    before = emb.detach().clone(), enc.detach().clone()
+    for group in opt.param_groups:
+        group["lr"] = 1e-3
+    method.training_loss(batch(0), 0)[0].backward()
+    opt.step()
+    # Adam's first step moves a parameter by about its LR where the gradient is not tiny (plus a
+    # decoupled decay of lr * 0.01 * |w|, under 1e-3 of the LR for these small weights)
+    assert 0.5e-4 < (emb - before[0]).abs().max().item() <= 1e-4 * (1 + 1e-3)
+    assert 0.5e-3 < (enc - before[1]).abs().max().item() <= 1e-3 * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("spec, message", [({"a(": 1.0}, "bad regex"), ({"x": 0}, "positive number"),
+                                           ({"x": "y"}, "positive number"), ({"x": float("nan")}, "positive number"),
+                                           ([1.0], "must map")])
+def test_lr_scales_are_checked(spec, message):
+    with pytest.raises(ValueError, match=message):
+        get_method("gradual-magnitude", lr_scales=spec)

@@ -7,6 +7,8 @@ Steps: the trainer calls training_loss(batch, step), optimizer.step(), after_ste
 from __future__ import annotations
 
 import copy
+import math
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +49,7 @@ COMMON: dict[str, Any] = {
     "score_lr": 1e-2,  # movement scores' learning rate (Sanh et al.), as an absolute LR at the peak
     "score_init": "zeros",  # movement scores start at 0 (Sanh et al.), or at |W| ("magnitude")
     "lr_rewind": False,
+    "lr_scales": {},  # {regex on parameter names: multiplier of the LR}, first match wins
     "quantize": False,
     "quant_bits": 8,
     "distill": {"task": 1.0},  # DistillConfig fields
@@ -72,6 +75,7 @@ class SparseMethod(Method):
             raise ValueError(f"score_init must be one of {sorted(SCORE_INITS)}, got {c['score_init']!r}")
         if c["score_init"] != "zeros" and c["criterion"] not in MOVEMENT:
             raise ValueError(f"score_init={c['score_init']!r} needs a movement criterion, not {c['criterion']!r}")
+        self.lr_scales = _lr_scales(c["lr_scales"])
         self.distill = DistillConfig(**c["distill"])
         self.contrastive_config = ContrastiveConfig(**c["contrastive"]) if c["contrastive"] else None
         self.pruner: Pruner | None = None
@@ -139,16 +143,22 @@ class SparseMethod(Method):
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         c = self.config
         movement = c["criterion"] in MOVEMENT
-        decay, no_decay, scores = [], [], []
+        # Groups by (decay?, LR scale); the two scale-1 groups always exist, decayed first.
+        groups = {(True, 1.0): {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  (False, 1.0): {"params": [], "weight_decay": 0.0, "lr_scale": 1.0}}
+        scores = []
         for name, param in self.ctx.student.named_parameters():
             if not param.requires_grad:
                 continue
             if name.endswith(".scores"):
                 scores.append(param)
-            else:
-                (no_decay if param.dim() < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+                continue
+            decay = param.dim() >= 2
+            scale = next((s for pattern, s in self.lr_scales if pattern.search(name)), 1.0)
+            group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                       "lr_scale": scale})
+            group["params"].append(param)
+        groups = list(groups.values())
         if scores:
             # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5): a per-group scale of the schedule.
             groups.append({"params": scores, "weight_decay": 0.0, "lr_scale": c["score_lr"] / lr})
@@ -222,6 +232,21 @@ class SparseMethod(Method):
 
 
 _SCALED = None
+
+
+def _lr_scales(spec: dict) -> list[tuple[re.Pattern, float]]:
+    if not isinstance(spec, dict):
+        raise ValueError(f"lr_scales must map parameter-name regexes to LR multipliers, got {spec!r}")
+    out = []
+    for pattern, scale in spec.items():
+        try:
+            compiled = re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"lr_scales: bad regex {pattern!r}: {error}") from None
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"lr_scales[{pattern!r}] must be a positive number, got {scale!r}")
+        out.append((compiled, float(scale)))
+    return out
 
 
 def _scaled_masked_adamw():
