@@ -3,6 +3,7 @@
     python benchmarks/bench_methods.py                      # full: ~3 h of one core, one run after another
     python benchmarks/bench_methods.py --methods cap        # one method; rows are added to the results file
     python benchmarks/bench_methods.py --methods "cap[criterion=magnitude,schedule=cubic]"   # a recipe variant
+    python benchmarks/bench_methods.py --methods "sparsebert-kap[distill.hidden=0]"         # a nested option
     python benchmarks/bench_methods.py --max-train 64 --max-dev 64 --epochs 1 --seeds90 1 --no80   # smoke
 
 The budget: 8,000 SST-2 training examples, 3 epochs (750 steps of 32) per run, batches of sentences of
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
@@ -31,17 +33,19 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from harness import RESULTS, report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from sparsebert.data.collate import tokenize_corpus  # noqa: E402
 from sparsebert.data.order import epoch_order  # noqa: E402
 from sparsebert.methods import MethodContext, get_method, load_recipe  # noqa: E402
 from sparsebert.sparsity import sparsity_report  # noqa: E402
+from sparsebert.train.config import merge, parse_value, set_path  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # ../shared/data beside the project; a git worktree one level deeper finds it one level up.
@@ -70,6 +74,17 @@ def read_wikitext(limit: int) -> list[str]:
     lines = (DATA / "wikitext-2" / "valid.txt").read_text().splitlines()
     lines = [ln.strip() for ln in lines if len(ln.split()) >= 8 and not ln.strip().startswith("=")]
     return lines[:limit]
+
+
+def wikitext_blocks(tokenizer, limit: int, max_len: int) -> dict:
+    """The same lines as one token stream cut into full blocks of max_len (the trainer's upstream
+    corpus), instead of one block per line truncated at max_len (a line is ~160 tokens)."""
+    lines = read_wikitext(limit)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    blocks = tokenize_corpus(lines, digest, tokenizer, max_len, "wikitext-2 valid")
+    ids = torch.from_numpy(np.stack([b["input_ids"] for b in blocks]))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "index": torch.arange(len(blocks))}
 
 
 def encode(tokenizer, texts, labels, max_len):
@@ -160,20 +175,23 @@ def summary(rows: list[dict]) -> str:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """'cap', or 'cap[criterion=magnitude,schedule=cubic]': a method and overrides of its recipe's
-    method options (values in YAML). The whole spec names the method's rows."""
+    """'cap', or 'cap[criterion=magnitude,distill.task=0.2]': a method and overrides of its recipe's
+    method options (values in YAML, dotted keys into nested options). The whole spec names the rows."""
     match = re.fullmatch(r"([\w-]+)(?:\[(.+)\])?", spec)
     if not match or match.group(1) not in METHODS:
         raise ValueError(f"unknown method {spec!r}; from: {', '.join(METHODS)}, optionally with [option=value,...]")
     pairs = [kv.split("=", 1) for kv in match.group(2).split(",")] if match.group(2) else []
     if any(len(kv) != 2 for kv in pairs):
         raise ValueError(f"{spec!r}: overrides are option=value pairs")
-    return match.group(1), {k.strip(): yaml.safe_load(v) for k, v in pairs}
+    overrides: dict = {}
+    for key, value in pairs:
+        set_path(overrides, key.strip(), parse_value(value))
+    return match.group(1), overrides
 
 
 def method_kwargs(name: str, sparsity: float, overrides: dict | None = None) -> tuple[dict, dict]:
     recipe = load_recipe(name, STAGE.get(name, "downstream"))
-    kwargs = {k: v for k, v in recipe["method"].items() if k != "name"} | (overrides or {})
+    kwargs = merge({k: v for k, v in recipe["method"].items() if k != "name"}, overrides or {})
     if name != "dense":
         kwargs["sparsity"] = sparsity
     return kwargs, recipe["training"]
@@ -196,6 +214,9 @@ def main(argv=None):
     ap.add_argument("--no80", action="store_true", help="skip the 80%% runs")
     ap.add_argument("--runs", default=None, help="instead: sparsity:seed pairs, e.g. 0.9:1,0.8:0")
     ap.add_argument("--upstream-lines", type=int, default=2000, help="wikitext-2 lines for Prune OFA upstream")
+    ap.add_argument("--upstream-blocks", action="store_true",
+                    help="upstream on those lines as a stream of full max-len blocks, not one truncated line per example")
+    ap.add_argument("--upstream-epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default=None, help="results file name; default bench_methods_<max-train>x<epochs> "
                     "(+ _shuffled without length grouping), so that budgets never share a table")
@@ -290,9 +311,10 @@ def upstream(pretrained_enc, tokenizer, sparsity, seed, args, student) -> float:
     start = time.perf_counter()
     kwargs, training = method_kwargs_stage("prune-ofa", "upstream")
     kwargs["sparsity"] = sparsity
-    text = encode(tokenizer, read_wikitext(args.upstream_lines), None, args.max_len)
+    text = (wikitext_blocks(tokenizer, args.upstream_lines, args.max_len) if args.upstream_blocks
+            else encode(tokenizer, read_wikitext(args.upstream_lines), None, args.max_len))
     encoder = copy.deepcopy(pretrained_enc).requires_grad_(True)
-    fit(get_method("prune-ofa", **kwargs), encoder, None, None, text, "representation", epochs=1,
+    fit(get_method("prune-ofa", **kwargs), encoder, None, None, text, "representation", epochs=args.upstream_epochs,
         lr=float(training.get("lr", 1e-4)), batch_size=args.batch_size, weight_decay=0.01, seed=seed,
         group_by_length=args.group_by_length)
     state = {k: v for k, v in encoder.state_dict().items() if not k.endswith((".mask", ".scores"))}
