@@ -216,7 +216,7 @@ def main(argv=None):
     ap.add_argument("--upstream-lines", type=int, default=2000, help="wikitext-2 lines for Prune OFA upstream")
     ap.add_argument("--upstream-blocks", action="store_true",
                     help="upstream on those lines as a stream of full max-len blocks, not one truncated line per example")
-    ap.add_argument("--upstream-epochs", type=int, default=1)
+    ap.add_argument("--upstream-epochs", type=int, default=1, help="passes over the upstream text")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default=None, help="results file name; default bench_methods_<max-train>x<epochs> "
                     "(+ _shuffled without length grouping), so that budgets never share a table")

@@ -6,6 +6,8 @@ pruned, how, and the loss. Methods register by name and are built from a recipe'
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -96,13 +98,20 @@ class Method:
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self._param_groups(weight_decay), lr=lr)
 
-    def _param_groups(self, weight_decay: float) -> list[dict]:
-        """BERT convention: no weight decay on biases and LayerNorm weights."""
-        decay, no_decay = [], []
+    def _param_groups(self, weight_decay: float, lr_scales: Sequence[tuple[re.Pattern, float]] = ()) -> list[dict]:
+        """BERT convention: no weight decay on biases and LayerNorm weights. Groups by (decayed?, LR
+        scale), the scale from the first matching regex of `lr_scales`; the two scale-1 groups always
+        exist, decayed first. Movement scores (`*.scores`) are left to the sparse methods' own group."""
+        groups = {(True, 1.0): {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  (False, 1.0): {"params": [], "weight_decay": 0.0, "lr_scale": 1.0}}
         for name, param in self.ctx.student.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 else decay).append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if not param.requires_grad or name.endswith(".scores"):
+                continue
+            decay = param.dim() >= 2
+            scale = next((s for pattern, s in lr_scales if pattern.search(name)), 1.0)
+            groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                               "lr_scale": scale})["params"].append(param)
+        return list(groups.values())
 
     def lr_at(self, step: int, base_lr: float) -> float:
         return base_lr * linear_warmup_decay(step, self.ctx.total_steps, self.warmup_ratio)

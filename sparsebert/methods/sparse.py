@@ -143,22 +143,8 @@ class SparseMethod(Method):
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         c = self.config
         movement = c["criterion"] in MOVEMENT
-        # Groups by (decay?, LR scale); the two scale-1 groups always exist, decayed first.
-        groups = {(True, 1.0): {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
-                  (False, 1.0): {"params": [], "weight_decay": 0.0, "lr_scale": 1.0}}
-        scores = []
-        for name, param in self.ctx.student.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.endswith(".scores"):
-                scores.append(param)
-                continue
-            decay = param.dim() >= 2
-            scale = next((s for pattern, s in self.lr_scales if pattern.search(name)), 1.0)
-            group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                       "lr_scale": scale})
-            group["params"].append(param)
-        groups = list(groups.values())
+        groups = self._param_groups(weight_decay, self.lr_scales)
+        scores = [p for name, p in self.ctx.student.named_parameters() if p.requires_grad and name.endswith(".scores")]
         if scores:
             # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5): a per-group scale of the schedule.
             groups.append({"params": scores, "weight_decay": 0.0, "lr_scale": c["score_lr"] / lr})
