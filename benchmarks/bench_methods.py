@@ -1,6 +1,6 @@
 """Every method on SST-2 with the real MiniLM on CPU, at a bounded budget: dev accuracy and wall time.
 
-    python benchmarks/bench_methods.py                      # full: ~3 h of one core, one run after another
+    python benchmarks/bench_methods.py                      # full: ~2.8 h of one core, one run after another
     python benchmarks/bench_methods.py --methods cap        # one method; rows are added to the results file
     python benchmarks/bench_methods.py --methods "cap[criterion=magnitude,schedule=cubic]"   # a recipe variant
     python benchmarks/bench_methods.py --methods "sparsebert-kap[distill.hidden=0]"         # a nested option
@@ -9,9 +9,9 @@
 The budget: 24,000 SST-2 training examples, 1 epoch (750 steps of 32) per run, batches of sentences of
 similar length (--no-group-by-length: a plain shuffle, 2.9x the padded tokens). The same 750 steps as
 8,000 examples x 3 epochs (--max-train 8000 --epochs 3, the earlier default), but every example is new:
-one-shot magnitude at 90% goes from 0.797 to 0.825 and the dense model from 0.864 to 0.869 (seed 0).
-On one core a run takes 3.5 (small-dense) to 14 (CAP) minutes; run one method per core to halve the
-wall time. The pruning
+one-shot magnitude at 90% goes from 0.805 to 0.824 (means of four seeds) and the dense model from 0.864
+to 0.869. On one core a run takes 3 (small-dense) to 14 (CAP) minutes; run one method per core to halve
+the wall time. The pruning
 methods run at lr 4e-4 instead of their recipes' (KAP at 90%, one seed, 4,000 examples x 2 epochs:
 dev accuracy 0.741 at 5e-5, 0.764 at 1e-4, 0.781 at 2e-4, 0.796 at 4e-4; a sparse network wants a
 larger step than fine-tuning a dense one), the dense teacher at its recipe's 5e-5.
