@@ -177,6 +177,39 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    """Dev accuracy of every run, one line per method spec: a dot per seed, a bar at the mean,
+    coloured by sparsity, against the dense model and 95% of it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    targets = sorted({r["target"] for r in rows if r["method"] != "dense"}, reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(specs) + 2.0))
+    for i, target in enumerate(targets):
+        offset = (i - (len(targets) - 1) / 2) * 0.25
+        color = f"C{i}"
+        for y, spec in enumerate(specs):
+            accs = [r["dev_acc"] for r in rows if (r["method"], r["target"]) == (spec, target)]
+            if accs:
+                ax.scatter(accs, [y + offset] * len(accs), s=14, color=color, alpha=0.6)
+                ax.plot([statistics.mean(accs)] * 2, [y + offset - 0.1, y + offset + 0.1], color=color, lw=2.5)
+        ax.scatter([], [], color=color, label=f"{target:.0%} sparsity (dots: seeds, bar: mean)")
+    dense = next((r["dev_acc"] for r in rows if r["method"] == "dense"), None)
+    if dense:
+        ax.axvline(dense, color="k", lw=1, label=f"dense {dense:.3f}")
+        ax.axvline(0.95 * dense, color="k", lw=1, ls="--", label="95% of dense")
+    ax.set_yticks(range(len(specs)), specs, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("SST-2 dev accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_method(spec: str) -> tuple[str, dict]:
     """'cap', or 'cap[criterion=magnitude,distill.task=0.2]': a method and overrides of its recipe's
     method options (values in YAML, dotted keys into nested options). The whole spec names the rows."""
@@ -273,6 +306,7 @@ def main(argv=None):
         print(row, flush=True)
         report(args.name, rows, "cpu", extra={"args": {k: str(v) for k, v in vars(args).items()}})
         (RESULTS / f"{args.name}_cpu.md").write_text(summary(rows))
+        plot(rows, RESULTS / f"{args.name}_cpu.png")
 
     def train_kw(training, lr=None):
         return {"epochs": args.epochs, "lr": lr or float(training.get("lr", 5e-5)), "batch_size": args.batch_size,
