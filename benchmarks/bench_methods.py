@@ -270,6 +270,8 @@ def main(argv=None):
     args.teacher_dir = args.teacher_dir or ROOT / "runs" / f"bench_methods_teacher_{budget_name}"
     try:
         methods = [(spec, *parse_method(spec)) for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods)]
+        for _, name, overrides in methods:  # an unknown option fails now, not after the teacher has trained
+            get_method(name, **method_kwargs(name, 0.9, overrides)[0])
     except ValueError as error:
         ap.error(str(error))
     if args.threads:

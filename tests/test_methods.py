@@ -161,6 +161,12 @@ def test_small_dense_keeps_every_kth_layer():
 def test_unknown_options_are_rejected():
     with pytest.raises(ValueError, match="unknown options"):
         get_method("cap", sparsity_target=0.9)
+    with pytest.raises(ValueError, match=r"unknown distill options \['hiden'\]"):
+        get_method("sparsebert-kap", distill={"task": 0.0, "hiden": 1.0})
+    with pytest.raises(ValueError, match=r"unknown contrastive options \['bank'\]"):
+        get_method("cap", contrastive={"bank": 10})
+    with pytest.raises(ValueError, match="distill must be a mapping"):
+        get_method("cap", distill=0.5)
     with pytest.raises(ValueError, match="teacher"):
         get_method("sparsebert-kap").setup(context(classifier()))
 

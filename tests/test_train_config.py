@@ -49,6 +49,16 @@ def test_value_parsing_and_shortcuts():
     assert user["data"] == {"tasks": ["sst2", "rte"], "corpus": ["a.txt", "b.txt"], "data_dir": "d"}
 
 
+@pytest.mark.parametrize("key", ["", "training.", ".lr", "method..sparsity", "method. .x"])
+def test_set_refuses_empty_key_parts(key):
+    tree = {}
+    with pytest.raises(C.ConfigError, match="every part of a dotted key must be a name"):
+        C.set_path(tree, key, 1)
+    assert tree == {}
+    with pytest.raises(C.ConfigError):
+        overrides(["downstream", "--set", f"{key}=1"])
+
+
 def test_pipeline_resolves_each_stage(recipe):
     cfg = cli.resolve_pipeline(overrides(["pipeline", "--method", "prune-ofa", "--tasks", "sst2,rte",
                                           "--corpus", "pydoc"]))

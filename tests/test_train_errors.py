@@ -34,6 +34,8 @@ def base(env, stage, run_dir, *extra):
     ("task", ["--task", "glue-nope"], "unknown task 'glue-nope'"),
     ("method", ["--method", "magic"], "unknown method 'magic'"),
     ("method-kwargs", ["--method", "dense", "--set", "method.nonsense=1"], "does not take these settings"),
+    ("distill-kwargs", ["--method", "sparsebert-kap", "--set", "method.distill.hiden=1"],
+     "unknown distill options ['hiden']"),
     ("model-dir", ["--model", "/nonexistent/model-dir"], "cannot be loaded by transformers"),
     ("data-dir", ["--data-dir", "/nonexistent/glue"], "data dir /nonexistent/glue does not exist"),
     ("sparsity-high", ["--set", "method.final_sparsity=1.0"], "method.final_sparsity must be a sparsity in [0, 1)"),

@@ -7,6 +7,7 @@ Steps: the trainer calls training_loss(batch, step), optimizer.step(), after_ste
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from typing import Any, ClassVar
@@ -76,10 +77,21 @@ class SparseMethod(Method):
         if c["score_init"] != "zeros" and c["criterion"] not in MOVEMENT:
             raise ValueError(f"score_init={c['score_init']!r} needs a movement criterion, not {c['criterion']!r}")
         self.lr_scales = _lr_scales(c["lr_scales"])
-        self.distill = DistillConfig(**c["distill"])
-        self.contrastive_config = ContrastiveConfig(**c["contrastive"]) if c["contrastive"] else None
+        self.distill = self._section(DistillConfig, c["distill"], "distill")
+        self.contrastive_config = self._section(ContrastiveConfig, c["contrastive"], "contrastive") if c["contrastive"] else None
         self.pruner: Pruner | None = None
         self.contrastive: ContrastiveModule | None = None
+
+    def _section(self, cls, values, option: str):
+        """A nested option (`distill:`, `contrastive:`) as its dataclass; a misspelt field is a ValueError
+        that names it, as for the top-level options."""
+        if not isinstance(values, dict):
+            raise ValueError(f"method {self.name!r}: {option} must be a mapping of options, got {values!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown {option} options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
 
     # --- setup ---------------------------------------------------------------------------------------
     def needs(self) -> frozenset[str]:

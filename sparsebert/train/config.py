@@ -100,6 +100,8 @@ def parse_value(text: str) -> Any:
 
 def set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"cannot set {dotted!r}: every part of a dotted key must be a name")
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
