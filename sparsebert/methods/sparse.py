@@ -64,9 +64,7 @@ class SparseMethod(Method):
 
     def __init__(self, **config):
         known = {**COMMON, **self.defaults}
-        unknown = set(config) - set(known)
-        if unknown:
-            raise ValueError(f"method {self.name!r}: unknown options {sorted(unknown)}; known: {sorted(known)}")
+        self._refuse_unknown(config, known, "options")
         self.config = copy.deepcopy({**known, **config})
         super().__init__(warmup_ratio=self.config["warmup_ratio"])
         c = self.config
@@ -87,11 +85,13 @@ class SparseMethod(Method):
         that names it, as for the top-level options."""
         if not isinstance(values, dict):
             raise ValueError(f"method {self.name!r}: {option} must be a mapping of options, got {values!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"method {self.name!r}: unknown {option} options {sorted(unknown)}; known: {sorted(known)}")
+        self._refuse_unknown(values, {f.name for f in dataclasses.fields(cls)}, f"{option} options")
         return cls(**values)
+
+    def _refuse_unknown(self, given, known, what: str) -> None:
+        unknown = set(given) - set(known)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown {what} {sorted(unknown)}; known: {sorted(known)}")
 
     # --- setup ---------------------------------------------------------------------------------------
     def needs(self) -> frozenset[str]:
