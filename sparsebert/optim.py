@@ -21,9 +21,13 @@ State modes:
   which is what lets :meth:`compact_state_` map the old entries to the new positions.
 
 ``check_finite=True`` (default) makes a step raise, before anything is written, if a gradient
-holds NaN/Inf at a kept position; it costs one extra read of the gradients. Weights are not
-checked: the update cannot make them non-finite from finite gradients and finite state, and
-a second read of the weights would cost as much again.
+holds NaN/Inf at a kept position; it costs one extra read of the gradients (on CPU, of the
+cache lines that hold a kept one). On CPU it also copies the kept gradients of sparse parts of
+masked parameters (at most a quarter kept) to a workspace that the update reads instead of the
+gradients: about the kept gradients' bytes, held per calling thread and reused across steps
+(34 MB for BERT-base's encoder at 90% sparsity). Weights are not checked: the update cannot
+make them non-finite from finite gradients and finite state, and a second read of the weights
+would cost as much again.
 
 Half/bfloat16 parameters (CUDA) keep float32 state. One kernel call covers all parameters of a
 group that share device, dtype and step.
