@@ -329,15 +329,18 @@ bool any_nonfinite(const T* g, int64_t n) {
 template <class Isa, typename T>
 T* check_kept(const T* g, const uint8_t* mask_row, int64_t c0, int64_t n, int64_t avail, T* gc, bool& bad) {
   bool found = false;
-  for (int64_t k = 0; k < n; k += Isa::W) {
-    const uint32_t kept = mask_bits(mask_row, c0 + k, std::min<int64_t>(Isa::W, n - k));
+  const auto group = [&](int64_t k, int64_t len) {
+    const uint32_t kept = mask_bits(mask_row, c0 + k, len);
     const typename Isa::Vec gv = Isa::load(g + k, kept, avail - k);
     found |= Isa::any_nonfinite(gv);
     if (gc != nullptr) {
       Isa::compress(gc, kept, gv);
       gc += std::popcount(kept);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + Isa::W <= n; k += Isa::W) group(k, Isa::W);
+  if (k < n) group(k, n - k);
   bad |= found;
   return gc;
 }
@@ -427,21 +430,24 @@ struct Group {
   uint32_t bits;
 };
 
-// Compresses the kept ones of p[0, n) (and of g unless null) into p_out (g_out), and appends
+// Compresses the kept ones of p[0, n) (and, kWithGrad, of g) into p_out (g_out), and appends
 // their groups, the first at chunk offset `offset`. Returns how many were kept.
-template <class Isa, typename T>
+template <class Isa, bool kWithGrad, typename T>
 int64_t compress_kept(const T* p, const T* g, const uint8_t* mask_row, int64_t c0, int64_t n, int64_t avail,
                       int64_t offset, T* p_out, T* g_out, Group*& groups) {
   Group* next = groups;
   int64_t count = 0;
-  for (int64_t k = 0; k < n; k += Isa::W) {
-    const uint32_t bits = mask_bits(mask_row, c0 + k, std::min<int64_t>(Isa::W, n - k));
+  const auto group = [&](int64_t k, int64_t len) {
+    const uint32_t bits = mask_bits(mask_row, c0 + k, len);
     *next = {static_cast<int32_t>(offset + k), bits};
     next += bits != 0;  // branch-free: an empty group is overwritten by the next one
     Isa::compress(p_out + count, bits, Isa::load(p + k, bits, avail - k));
-    if (g != nullptr) Isa::compress(g_out + count, bits, Isa::load(g + k, bits, avail - k));
+    if constexpr (kWithGrad) Isa::compress(g_out + count, bits, Isa::load(g + k, bits, avail - k));
     count += std::popcount(bits);
-  }
+  };
+  int64_t k = 0;
+  for (; k + Isa::W <= n; k += Isa::W) group(k, Isa::W);
+  if (k < n) group(k, n - k);
   groups = next;
   return count;
 }
@@ -486,8 +492,14 @@ void update_compact(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t
         next = groups;
       }
       const int64_t offset = s.flat + k - begin;
-      count += compress_kept<Isa>(param + offset, gc == nullptr ? grad + offset : nullptr, s.mask_row, s.c0 + k,
-                                  std::min(kTile, s.n - k), size - offset, offset, p_buf + count, g_buf + count, next);
+      const int64_t m = std::min(kTile, s.n - k);
+      if (gc != nullptr) {
+        count += compress_kept<Isa, false>(param + offset, grad + offset, s.mask_row, s.c0 + k, m, size - offset,
+                                           offset, p_buf + count, g_buf + count, next);
+      } else {
+        count += compress_kept<Isa, true>(param + offset, grad + offset, s.mask_row, s.c0 + k, m, size - offset,
+                                          offset, p_buf + count, g_buf + count, next);
+      }
     }
   }
   update_dense<Isa>(op, p_buf, gc != nullptr ? gc : g_buf, advance(t.state[0], kept), advance(t.state[1], kept), count);
