@@ -148,7 +148,6 @@ struct Portable {
       if ((lanes >> i) & 1) p[i] = v.v[i];
     }
   }
-  static uint32_t nonzero(Vec) { return low_bits(W); }
   static bool any_nonfinite(Vec v) {
     constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
     const BitVec exponent = (BitVec)v.v & kExponent;
@@ -178,56 +177,46 @@ struct Portable {
 #if SPARSEBERT_X86
 // AVX-512: masked loads skip the memory of unselected lanes entirely; masked stores leave it
 // untouched. Only ever inlined into the target("avx512f") entry points below.
-template <typename T>
-struct Avx512;
-
 #define SPARSEBERT_AVX512 __attribute__((target("avx512f"))) static inline
 
-template <>
-struct Avx512<float> {
-  static constexpr int W = 16;
-  using Vec = Lanes<float, 16>;
-  SPARSEBERT_AVX512 Vec load(const float* p, uint32_t lanes, int64_t) { return {_mm512_maskz_loadu_ps(lanes, p)}; }
-  SPARSEBERT_AVX512 void store(float* p, uint32_t lanes, Vec v, int64_t) { _mm512_mask_storeu_ps(p, lanes, v.v); }
-  SPARSEBERT_AVX512 Vec zero_unless(uint32_t lanes, Vec v) { return {_mm512_maskz_mov_ps(lanes, v.v)}; }
-  SPARSEBERT_AVX512 uint32_t nonzero(Vec v) {
-    const __m512i bits = _mm512_castps_si512(v.v);
-    return _mm512_test_epi32_mask(bits, bits);
+template <typename T>
+struct Avx512 {
+  static constexpr bool kFloat = std::is_same_v<T, float>;
+  static_assert(kFloat || std::is_same_v<T, double>);
+  static constexpr int W = 64 / sizeof(T);
+  using Vec = Lanes<T, W>;
+
+  SPARSEBERT_AVX512 Vec load(const T* p, uint32_t lanes, int64_t) {
+    if constexpr (kFloat) return {_mm512_maskz_loadu_ps(lanes, p)};
+    else return {_mm512_maskz_loadu_pd(lanes, p)};
+  }
+  SPARSEBERT_AVX512 void store(T* p, uint32_t lanes, Vec v, int64_t) {
+    if constexpr (kFloat) _mm512_mask_storeu_ps(p, lanes, v.v);
+    else _mm512_mask_storeu_pd(p, lanes, v.v);
+  }
+  SPARSEBERT_AVX512 Vec zero_unless(uint32_t lanes, Vec v) {
+    if constexpr (kFloat) return {_mm512_maskz_mov_ps(lanes, v.v)};
+    else return {_mm512_maskz_mov_pd(lanes, v.v)};
   }
   SPARSEBERT_AVX512 bool any_nonfinite(Vec v) {
-    const __m512i exponent = _mm512_set1_epi32(0x7f800000);
-    return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v.v), exponent), exponent) != 0;
+    const __m512i bits = reinterpret_cast<__m512i>(v.v);
+    if constexpr (kFloat) {
+      const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+      return _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exponent), exponent) != 0;
+    } else {
+      const __m512i exponent = _mm512_set1_epi64(0x7ff0000000000000ll);
+      return _mm512_cmpeq_epi64_mask(_mm512_and_si512(bits, exponent), exponent) != 0;
+    }
   }
-  SPARSEBERT_AVX512 Vec expand(const float* src, uint32_t lanes) {
-    return {_mm512_maskz_expand_ps(lanes, _mm512_loadu_ps(src))};
+  SPARSEBERT_AVX512 Vec expand(const T* src, uint32_t lanes) {
+    if constexpr (kFloat) return {_mm512_maskz_expand_ps(lanes, _mm512_loadu_ps(src))};
+    else return {_mm512_maskz_expand_pd(lanes, _mm512_loadu_pd(src))};
   }
   // A register compress and a whole store: the compress-to-memory instruction is slow on some
   // CPUs (microcoded on AMD Zen 4), and a load that overlaps a masked store waits for it.
-  SPARSEBERT_AVX512 void compress(float* dst, uint32_t lanes, Vec v) {
-    _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(lanes, v.v));
-  }
-};
-
-template <>
-struct Avx512<double> {
-  static constexpr int W = 8;
-  using Vec = Lanes<double, 8>;
-  SPARSEBERT_AVX512 Vec load(const double* p, uint32_t lanes, int64_t) { return {_mm512_maskz_loadu_pd(lanes, p)}; }
-  SPARSEBERT_AVX512 void store(double* p, uint32_t lanes, Vec v, int64_t) { _mm512_mask_storeu_pd(p, lanes, v.v); }
-  SPARSEBERT_AVX512 Vec zero_unless(uint32_t lanes, Vec v) { return {_mm512_maskz_mov_pd(lanes, v.v)}; }
-  SPARSEBERT_AVX512 uint32_t nonzero(Vec v) {
-    const __m512i bits = _mm512_castpd_si512(v.v);
-    return _mm512_test_epi64_mask(bits, bits);
-  }
-  SPARSEBERT_AVX512 bool any_nonfinite(Vec v) {
-    const __m512i exponent = _mm512_set1_epi64(0x7ff0000000000000ll);
-    return _mm512_cmpeq_epi64_mask(_mm512_and_si512(_mm512_castpd_si512(v.v), exponent), exponent) != 0;
-  }
-  SPARSEBERT_AVX512 Vec expand(const double* src, uint32_t lanes) {
-    return {_mm512_maskz_expand_pd(lanes, _mm512_loadu_pd(src))};
-  }
-  SPARSEBERT_AVX512 void compress(double* dst, uint32_t lanes, Vec v) {
-    _mm512_storeu_pd(dst, _mm512_maskz_compress_pd(lanes, v.v));
+  SPARSEBERT_AVX512 void compress(T* dst, uint32_t lanes, Vec v) {
+    if constexpr (kFloat) _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(lanes, v.v));
+    else _mm512_storeu_pd(dst, _mm512_maskz_compress_pd(lanes, v.v));
   }
 };
 #undef SPARSEBERT_AVX512
