@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 from harness import median_time, report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-VARIANTS = {"dense": None, "locked": ("oneshot-magnitude", {}), "masked": ("gradual-magnitude", {"begin_frac": 0.0, "end_frac": 0.0}),
+VARIANTS = {"dense": None, "locked": ("oneshot-magnitude", {}), "masked": ("gradual-magnitude", {"begin_frac": 0.0, "end_frac": 0.0, "compact": False}),
             "movement": ("cap", {"distill": {"task": 1.0}, "contrastive": None, "schedule": "one-shot", "criterion": "movement"})}
 
 

@@ -14,16 +14,18 @@ State modes:
   row-major order (10% of the memory at 90% sparsity), numerically the same as AdamW/SGD over
   the kept weights alone. It needs a locked mask: the state is built at the first step from the
   mask of that moment (pruned weights are then zeroed once; the step itself never writes
-  them). A later change of the mask's popcount raises; to change the mask on purpose, call
-  :meth:`compact_state_` (kept positions keep their state, new ones start at 0). A change
-  that keeps the popcount cannot be detected cheaply and silently shifts the state: don't.
-  The state also holds a copy of the mask it was compacted for (1/32 of the weights' bytes),
-  which is what lets :meth:`compact_state_` map the old entries to the new positions.
+  them). The state holds a copy of the mask it was compacted for (1/32 of the weights' bytes):
+  a step raises :class:`MaskChanged` when the mask differs from it, before anything is written;
+  to change the mask on purpose, call :meth:`compact_state_` (kept positions keep their state,
+  new ones start at 0).
 
 ``check_finite=True`` (default) makes a step raise, before anything is written, if a gradient
 holds NaN/Inf at a kept position; it costs one extra read of the gradients. Weights are not
 checked: the update cannot make them non-finite from finite gradients and finite state, and
 a second read of the weights would cost as much again.
+
+A group's ``lr_scale`` (default 1) multiplies its ``lr`` inside every step, so a loop that sets
+every group's ``lr`` to one scheduled value (or a LambdaLR) keeps the groups' ratios.
 
 Half/bfloat16 parameters (CUDA) keep float32 state. One kernel call covers all parameters of a
 group that share device, dtype and step.
@@ -39,7 +41,11 @@ from torch.optim import Optimizer
 from .ops.mask import unpack_mask
 from .ops.optim_step import masked_adamw_, masked_sgd_
 
-__all__ = ["MaskedAdamW", "MaskedSGD"]
+__all__ = ["MaskChanged", "MaskedAdamW", "MaskedSGD"]
+
+
+class MaskChanged(RuntimeError):
+    """A compact-state step found a mask that is not the one its state was compacted for."""
 
 
 def _state_dtype(param: Tensor) -> torch.dtype:
@@ -154,10 +160,6 @@ class _MaskedOptimizer(Optimizer):
             state["compact_mask"] = mask.clone()
             param.mul_(keep)
 
-    def rebuild_state(self) -> None:
-        """Re-compact the state of every masked parameter of a compact group (see compact_state_)."""
-        self.compact_state_()
-
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer state (moments, step counters, compact-mask copies)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if isinstance(v, Tensor))
@@ -202,14 +204,14 @@ class _MaskedOptimizer(Optimizer):
             states.append({**state, **fresh.get(param, {})})
         lists = [[s[name] for s in states] for name in self._state_names] if self._has_state_tensors(group) else [[]]
         masks = [self._masks.get(p) for p in params]
+        if compact:
+            for i, (mask, state) in enumerate(zip(masks, states)):
+                if mask is not None and "compact_mask" in state and not torch.equal(mask, state["compact_mask"]):
+                    raise MaskChanged(f"{type(self).__name__}: the mask of parameter {i} of a step changed after its state "
+                                      "was compacted; a compact-state optimizer needs locked masks: call "
+                                      "optimizer.compact_state_(param) after changing a mask on purpose")
         grads = [p.grad.contiguous() for p in params]
-        try:
-            kernel(params, grads, *lists, masks, *args, compact=compact, check_finite=group["check_finite"])
-        except RuntimeError as error:
-            if "compact state" in str(error) and "did the mask change" in str(error):
-                raise RuntimeError(f"{type(self).__name__}: {error}. A compact-state optimizer needs locked masks; "
-                                   "call optimizer.compact_state_(param) after changing a mask on purpose.") from error
-            raise
+        kernel(params, grads, *lists, masks, *args, compact=compact, check_finite=group["check_finite"])
         for param, new in fresh.items():
             self.state[param].update(new)
             mask = self._masks.get(param)
@@ -258,12 +260,12 @@ class MaskedAdamW(_MaskedOptimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, compact=compact,
-                        maximize=maximize, check_finite=check_finite)
+                        maximize=maximize, check_finite=check_finite, lr_scale=1.0)
         super().__init__(params, defaults, masks)
 
     def _step_bucket(self, group: dict, params: list[Tensor], step: int) -> None:
         beta1, beta2 = group["betas"]
-        self._run(group, params, masked_adamw_, step + 1, group["lr"], beta1, beta2, group["eps"],
+        self._run(group, params, masked_adamw_, step + 1, group["lr"] * group["lr_scale"], beta1, beta2, group["eps"],
                   group["weight_decay"], group["maximize"])
 
 
@@ -284,7 +286,7 @@ class MaskedSGD(_MaskedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        compact=compact, maximize=maximize, check_finite=check_finite)
+                        compact=compact, maximize=maximize, check_finite=check_finite, lr_scale=1.0)
         super().__init__(params, defaults, masks)
 
     def _has_state_tensors(self, group: dict) -> bool:
@@ -294,5 +296,5 @@ class MaskedSGD(_MaskedOptimizer):
         return "momentum_buffer" not in state  # first step of the momentum buffer
 
     def _step_bucket(self, group: dict, params: list[Tensor], first_step: bool) -> None:
-        self._run(group, params, masked_sgd_, group["lr"], group["momentum"], group["dampening"],
+        self._run(group, params, masked_sgd_, group["lr"] * group["lr_scale"], group["momentum"], group["dampening"],
                   group["weight_decay"], group["nesterov"], first_step, group["maximize"])

@@ -3,6 +3,7 @@ import pytest
 
 from sparsebert.train import cli
 from sparsebert.train import config as C
+from sparsebert.train import pipeline
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_set_refuses_empty_key_parts(key):
 
 
 def test_pipeline_resolves_each_stage(recipe):
-    cfg = cli.resolve_pipeline(overrides(["pipeline", "--method", "prune-ofa", "--tasks", "sst2,rte",
+    cfg = pipeline.resolve_pipeline(overrides(["pipeline", "--method", "prune-ofa", "--tasks", "sst2,rte",
                                           "--corpus", "pydoc"]))
     assert list(cfg["stages"]) == ["teacher-sst2", "teacher-rte", "upstream", "downstream-sst2", "downstream-rte"]
     assert cfg["stages"]["downstream-rte"]["method"]["final_sparsity"] == 0.85

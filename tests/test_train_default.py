@@ -27,7 +27,7 @@ def test_default_smoke(tmp_path, capsys):
 
 
 def test_budget_scaling():
-    from sparsebert.train.cli import resolve_pipeline
+    from sparsebert.train.pipeline import resolve_pipeline
     from sparsebert.train import config as C
     user = C.merge(default.DEFAULT_USER, {"method": {"name": "dense"}})
     cfg = resolve_pipeline(user)
@@ -39,7 +39,7 @@ def test_budget_scaling():
 
 
 def test_pipeline_refits_later_stages_to_the_budget():
-    from sparsebert.train.stages import fit_stage_to_budget
+    from sparsebert.train.pipeline import fit_stage_to_budget
     stages = {n: {"stage": s, "training": {"max_steps": 80, "checkpoint_every": 40}}
               for n, s in (("teacher-x", "teacher"), ("upstream", "upstream"), ("downstream-x", "downstream"))}
     cost = {"teacher": 1.0, "upstream": 2.0, "downstream": 1.6}

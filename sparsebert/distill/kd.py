@@ -6,6 +6,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..objectives import task_loss
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over rows (examples or tokens). The T^2 keeps
@@ -84,8 +86,6 @@ class DistillConfig:
 def distill_loss(config: DistillConfig, student_out, teacher_out, batch: dict, objective: str) -> tuple[torch.Tensor, dict]:
     """Combine the task loss and the distillation terms. Outputs are transformers ModelOutputs; hidden
     states/attentions must have been requested when the weights need them."""
-    from ..methods.base import task_loss  # here, not at import: methods import this module
-
     total, logs = 0.0, {}
     if config.task:
         loss = task_loss(student_out.logits, batch, objective)

@@ -11,12 +11,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-OBJECTIVES = ("classification", "regression", "mlm", "representation")
-TASK_OBJECTIVES = ("classification", "regression")
-
+from ..objectives import OBJECTIVES, TASK_OBJECTIVES, model_inputs, task_loss  # noqa: F401  (re-exported)
+from ..registry import Registry
+from ..sparsity.schedules import linear_warmup_decay
 
 @dataclasses.dataclass
 class MethodContext:
@@ -37,36 +36,16 @@ class MethodContext:
             raise ValueError(f"total_steps must be positive, got {self.total_steps}")
 
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: Registry[type["Method"]] = Registry("method")
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
-    if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} is registered twice")
-    METHODS[cls.name] = cls
-    return cls
+    return METHODS.register(cls.name)(cls)
 
 
 def get_method(name: str, **config: Any) -> "Method":
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**config)
-
-
-def model_inputs(batch: dict) -> dict:
-    """The keys of a batch that a transformers model's forward takes."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
-
-def task_loss(logits: torch.Tensor, batch: dict, objective: str) -> torch.Tensor:
-    """The supervised loss of an objective: cross-entropy, MSE, or masked-LM cross-entropy."""
-    if objective == "classification":
-        return F.cross_entropy(logits, batch["labels"])
-    if objective == "regression":
-        return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
-    if objective == "mlm":
-        return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
-    raise ValueError(f"objective {objective!r} has no supervised task loss")
+    """The method registered as `name`, built from its options; NotRegistered for an unknown name."""
+    return METHODS.get(name)(**config)
 
 
 class Method:
@@ -114,7 +93,8 @@ class Method:
         return list(groups.values())
 
     def lr_at(self, step: int, base_lr: float) -> float:
-        return base_lr * linear_warmup_decay(step, self.ctx.total_steps, self.warmup_ratio)
+        total = self.ctx.total_steps
+        return base_lr * linear_warmup_decay(step, total, int(self.warmup_ratio * total))
 
     def training_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         outputs = self.ctx.student(**model_inputs(batch))
@@ -130,11 +110,3 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
-
-
-def linear_warmup_decay(step: int, total_steps: int, warmup_ratio: float) -> float:
-    """LR multiplier: 0 -> 1 over the warm-up, then 1 -> 0 at total_steps."""
-    warmup = int(warmup_ratio * total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))

@@ -7,6 +7,10 @@ import pathlib
 import yaml
 
 SECTIONS = {"method", "training", "models", "description"}
+
+
+class RecipeNotFound(FileNotFoundError):
+    """No recipe file for a (method, stage)."""
 MODEL_ROLES = {"student", "teacher", "pretrained"}
 
 
@@ -27,7 +31,7 @@ def load_recipe(method: str, stage: str, *, root: str | os.PathLike | None = Non
 
     path = pathlib.Path(root or recipes_dir()) / method / f"{stage}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no recipe {path}")
+        raise RecipeNotFound(f"no recipe {path}")
     recipe = yaml.safe_load(path.read_text()) or {}
     unknown = set(recipe) - SECTIONS
     if unknown:

@@ -31,6 +31,7 @@ __all__ = [
     "find_threshold",
     "topk_masks",
     "key_to_value",
+    "kept_count",
 ]
 
 _ops = torch.ops.sparsebert
@@ -192,13 +193,18 @@ def find_threshold(
 _SCOPES = ("global", "tensor", "row", "nm", "block")
 
 
+def kept_count(count: int, sparsity: float) -> int:
+    """Elements a sparsity keeps out of ``count``: count - floor(sparsity * count)."""
+    return count - math.floor(sparsity * count)
+
+
 def _kept(count: int, k: int | None, sparsity: float | None, what: str) -> int:
-    """Elements to keep out of ``count``: k itself, or count - floor(sparsity * count)."""
+    """Elements to keep out of ``count``: k itself, or what ``sparsity`` keeps."""
     if k is not None:
         if k < 0 or k > count:
             raise ValueError(f"topk_masks: k must be in [0, N] with N = {count} ({what}), got {k}")
         return k
-    return count - math.floor(sparsity * count)
+    return kept_count(count, sparsity)
 
 
 def _block_scores(x: Tensor, block: tuple[int, int], norm: str) -> Tensor:

@@ -4,21 +4,24 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .criteria import Importance
+from .criteria import CRITERIA, Importance
 from .modules import MaskedLinear
-from .registry import CRITERIA, PATTERNS
+from .patterns import PATTERNS
+from .schedules import Lock
 
 
 class Pruner:
     """Applies pruning events. Masks are written in place (optimizers hold them by reference).
 
-    zero_weights: after an event, pruned weights are set to 0 and the module promises weight_is_masked
-    (magnitude pruning, lock). Movement keeps pruned weights so their scores can still move
-    (Sanh et al.); their products are masked out, and `finalize()` zeroes them at the end.
+    After an event, pruned weights are set to 0 and the module promises weight_is_masked (magnitude
+    pruning, lock), unless the criterion learns scores: movement keeps pruned weights so their scores
+    can still move (Sanh et al.); their products are masked out, and `finalize()` zeroes them at the end
+    (`zero_weights` overrides the criterion's choice). `num_heads` (the model's attention heads) is
+    given to every pattern; the structured one needs it.
     """
 
     def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule, *,
-                 pattern_kwargs: dict | None = None, zero_weights: bool = True):
+                 pattern_kwargs: dict | None = None, num_heads: int | None = None, zero_weights: bool | None = None):
         if not modules:
             raise ValueError("Pruner needs at least one MaskedLinear module")
         self.names = list(modules)
@@ -28,7 +31,9 @@ class Pruner:
         self.pattern = PATTERNS.get(pattern)
         self.schedule = schedule
         self.pattern_kwargs = dict(pattern_kwargs or {})
-        self.zero_weights = zero_weights
+        if num_heads is not None:
+            self.pattern_kwargs.setdefault("num_heads", num_heads)
+        self.zero_weights = not self.criterion.learns_scores if zero_weights is None else zero_weights
         self.last_event = -1
         self.events = 0
         self.sparsity = 0.0
@@ -40,6 +45,11 @@ class Pruner:
 
     def nnz(self) -> int:
         return sum(m.nnz() for m in self.modules)
+
+    @property
+    def locked(self) -> bool:
+        """Whether the masks can no longer change (no event after t = 0)."""
+        return self.schedule is None or self.schedule.end <= 0
 
     def step(self, t: int) -> dict[str, float]:
         """Call with t = completed optimizer steps (0 before training)."""
@@ -98,6 +108,6 @@ class Pruner:
 
 def lock(modules: dict[str, MaskedLinear]) -> Pruner:
     """Pattern lock: mask = (weight != 0), fixed from now on (Prune OFA downstream, one-shot fine-tuning)."""
-    pruner = Pruner(modules, "nonzero", "global", None)
-    pruner.prune(0.0)
+    pruner = Pruner(modules, Lock.criterion, "global", Lock())
+    pruner.step(0)
     return pruner

@@ -1,13 +1,17 @@
 """Schedules over optimizer steps t = number of completed steps (t = 0 is before training).
 
-A sparsity schedule says when pruning events happen (`is_event`) and the value they prune to
-(`value_at`: a sparsity, or for threshold criteria a threshold). LR schedules give a multiplier.
+A sparsity schedule says when pruning events happen (`is_event`), the value they prune to
+(`value_at`: a sparsity, or for threshold criteria a threshold), its `final` value and its last
+event (`end`). Each is registered by the name recipes use and built from a method's options by
+`from_config(options, total_steps, criterion)`. LR schedules give a multiplier.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from .registry import SCHEDULES
+from ..registry import Registry
+
+SCHEDULES: Registry = Registry("schedule")
 
 
 @SCHEDULES.register("one-shot")
@@ -26,6 +30,48 @@ class OneShot:
     @property
     def end(self) -> int:
         return self.at
+
+    @classmethod
+    def from_config(cls, c: dict, total_steps: int, criterion) -> "OneShot":
+        return cls(c["sparsity"], 0)
+
+
+@SCHEDULES.register("lock")
+@dataclasses.dataclass
+class Lock:
+    """Pattern lock: one event before training keeps exactly the weights that are not zero (the
+    `nonzero` criterion, threshold 0), and the mask never changes (Prune OFA downstream)."""
+    criterion = "nonzero"  # whatever the method's criterion: the pattern is the weights' own
+    final: float = 0.0
+    end: int = 0
+
+    def is_event(self, t: int) -> bool:
+        return t == 0
+
+    def value_at(self, t: int) -> float:
+        return 0.0
+
+    @classmethod
+    def from_config(cls, c: dict, total_steps: int, criterion) -> "Lock":
+        return cls()
+
+
+@SCHEDULES.register("none")
+@dataclasses.dataclass
+class NoPruning:
+    """No pruning event: masks stay as they are (all kept after sparsify)."""
+    final: float = 0.0
+    end: int = 0
+
+    def is_event(self, t: int) -> bool:
+        return False
+
+    def value_at(self, t: int) -> float:
+        return 0.0
+
+    @classmethod
+    def from_config(cls, c: dict, total_steps: int, criterion) -> "NoPruning":
+        return cls()
 
 
 @SCHEDULES.register("cubic")
@@ -62,13 +108,18 @@ class Cubic:
         begin, end = int(begin_frac * total_steps), max(int(begin_frac * total_steps), int(end_frac * total_steps))
         return cls(initial, final, begin, end, max(1, (end - begin) // max(1, events)))
 
+    @classmethod
+    def from_config(cls, c: dict, total_steps: int, criterion) -> "Cubic":
+        return cls.over(c["initial_sparsity"], c["sparsity"], total_steps, c["begin_frac"], c["end_frac"], c["events"])
+
 
 @SCHEDULES.register("sanh")
 @dataclasses.dataclass
 class SanhThreshold:
     """Sanh et al. (2020) movement schedule: `initial` during the warm-up, cubic to `final` until
     `total - cooldown`, then `final` during the cool-down. Events every `frequency` steps through the
-    end of training: movement masks keep following the scores, at constant sparsity in the cool-down."""
+    end of training: movement masks keep following the scores, at constant sparsity in the cool-down.
+    For a threshold criterion (soft movement) the values are thresholds, else sparsities."""
     initial: float
     final: float
     total: int
@@ -95,14 +146,20 @@ class SanhThreshold:
     def over(cls, initial: float, final: float, total_steps: int, warmup_frac: float, cooldown_frac: float, frequency: int = 1):
         return cls(initial, final, total_steps, int(warmup_frac * total_steps), int(cooldown_frac * total_steps), frequency)
 
+    @classmethod
+    def from_config(cls, c: dict, total_steps: int, criterion) -> "SanhThreshold":
+        initial, final = ((c["threshold_initial"], c["threshold_final"]) if criterion.by_threshold
+                          else (c["initial_sparsity"], c["sparsity"]))
+        return cls.over(initial, final, total_steps, c["warmup_frac"], c["cooldown_frac"], c["frequency"])
+
 
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: 0 -> 1 over `warmup` steps, then 1 -> 0 at `total`."""
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-@SCHEDULES.register("lr-rewind")
 @dataclasses.dataclass
 class LRRewind:
     """Prune Once For All's learning-rate rewinding (Renda et al. 2020): linear warm-up/decay while

@@ -6,20 +6,15 @@ import re
 
 from torch import nn
 
+from ..families import encoder_matrices_regex
 from .modules import MaskedLinear
-
-# The six encoder matrices of every layer: BERT/RoBERTa/MiniLM names, then DistilBERT names.
-# Embeddings, pooler and classifier stay dense unless a config includes them.
-ENCODER_LINEARS = (
-    r"(encoder|transformer)\.layer\.\d+\.("
-    r"attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense"
-    r"|attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.(lin1|lin2))$"
-)
 
 
 @dataclasses.dataclass
 class SparsifyConfig:
-    include: list[str] = dataclasses.field(default_factory=lambda: [ENCODER_LINEARS])
+    # Default: the six encoder matrices of every layer of every model family (sparsebert.families);
+    # embeddings, pooler and classifier stay dense unless a config includes them.
+    include: list[str] = dataclasses.field(default_factory=lambda: [encoder_matrices_regex()])
     exclude: list[str] = dataclasses.field(default_factory=list)
     scores: bool = False  # add movement scores
     score_init: float = 0.0  # Sanh et al.'s constant init (mask_scale 0)

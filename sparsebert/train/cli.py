@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 from . import config as C
+from . import default
+from .errors import ConfigError, TrainError
+from .pipeline import run_command
+from .runs import Run
 
 DESCRIPTION = """\
 sparsebert trainer: pruning during pre-training (upstream) and fine-tuning (downstream) of
@@ -50,10 +52,6 @@ SHORTCUTS = {
     "out": "run.out_dir", "run_dir": "run.dir", "device": "run.device", "precision": "run.precision",
     "threads": "run.threads", "recipe": "run.recipe",
 }
-
-
-class CLIError(ValueError):
-    pass
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -119,42 +117,24 @@ def user_overrides(args: argparse.Namespace, extra: list[str]) -> dict:
     for group in args.set:
         for item in group:
             if "=" not in item:
-                raise CLIError(f"--set {item!r}: expected KEY=VALUE")
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
             key, value = item.split("=", 1)
             C.set_path(user, key.strip(), C.parse_value(value))
     i = 0
     while i < len(extra):  # dotted flags: --training.lr 3e-5 | --training.lr=3e-5
         item = extra[i]
         if not item.startswith("--") or "." not in item:
-            raise CLIError(f"unrecognized argument {item!r} (see --help)")
+            raise ConfigError(f"unrecognized argument {item!r} (see --help)")
         if "=" in item:
             key, value = item[2:].split("=", 1)
         elif i + 1 < len(extra):
             key, value = item[2:], extra[i + 1]
             i += 1
         else:
-            raise CLIError(f"{item} needs a value")
+            raise ConfigError(f"{item} needs a value")
         C.set_path(user, key, C.parse_value(value))
         i += 1
     return user
-
-
-def resolve_pipeline(user: dict) -> dict:
-    from .stages import pipeline_plan
-    plan = pipeline_plan(user)
-    base = C.resolve("downstream", user)
-    return {"stage": "pipeline", "user": user, "run": base["run"],
-            "stages": {name: cfg for name, cfg in plan}}
-
-
-def print_plan(cfg: dict) -> None:
-    stages = cfg["stages"] if cfg["stage"] == "pipeline" else {cfg["stage"]: cfg}
-    print("plan:")
-    for name, s in stages.items():
-        t = s["training"]
-        steps = f"{t['max_steps']} steps" if t["max_steps"] else f"{t['epochs']} epoch(s)"
-        what = s["data"]["task"] if s["stage"] != "upstream" else f"corpus {s['data']['corpus']}"
-        print(f"  {name:<22} {s['method']['name']:<14} {what:<28} {steps}, batch {t['batch_size']}, lr {t['lr']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,17 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with --resume <run dir>", file=sys.stderr)
         return 130
-    except Exception as e:
-        from .runs import RunError
-        from .stages import StageError
-        if isinstance(e, (C.ConfigError, CLIError, StageError, RunError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _main(argv: list[str]) -> int:
-    from .runs import Run
     if argv[0] == "resume-any":  # --resume DIR without a stage: the stage is in the saved config
         p = argparse.ArgumentParser(prog="python -m sparsebert.train")
         add_common(p)
@@ -188,68 +163,7 @@ def _main(argv: list[str]) -> int:
         argv = [run.saved_config()["stage"]] + argv[1:]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.stage == "default":
-        from . import default
-        user_extra = user_overrides(args, extra)
-        return default.main(user_extra, smoke=args.smoke, print_config=args.print_config, resume=args.resume)
     user = user_overrides(args, extra)
+    if args.stage == "default":
+        return default.main(user, smoke=args.smoke, print_config=args.print_config, resume=args.resume)
     return run_command(args.stage, user, resume=args.resume, print_config=args.print_config)
-
-
-def run_command(stage: str, user: dict, resume: str | None = None, print_config: bool = False,
-                plan_note: str | None = None, budget: dict | None = None) -> int:
-    from . import stages as S
-    from .runs import Run
-    if resume:
-        run = Run.open(resume)
-        saved = run.saved_config()
-        if saved["stage"] != stage:
-            raise CLIError(f"{resume} is a {saved['stage']} run, not {stage}")
-        if user:  # what the command line says must agree with the run being resumed
-            now = resolve_pipeline(user) if stage == "pipeline" else C.resolve(stage, user)
-            if stage == "pipeline":
-                now["stages"] = dict(S.link_plan(list(now["stages"].items()), Path(saved["run"]["dir"])))
-            run.check_same_config(now)
-        cfg = saved
-    else:
-        cfg = resolve_pipeline(user) if stage == "pipeline" else C.resolve(stage, user)
-        if budget and stage == "pipeline":
-            cfg["budget"] = budget
-    if print_config:
-        print(C.dump(cfg))
-        return 0
-    if stage == "pipeline":
-        for c in cfg["stages"].values():  # later stages read models that earlier ones will write
-            S.preflight(c, model_exists=c["stage"] != "downstream")
-    else:
-        S.preflight(cfg)
-    if resume:  # a corrupted checkpoint is refused now, not after the models are built
-        subs = [Path(resume) / name for name in cfg["stages"]] if stage == "pipeline" else [Path(resume)]
-        for sub in subs:
-            if (sub / "config.json").is_file() and not Run(sub).done:
-                ckpt = Run(sub).latest_checkpoint()
-                if ckpt is not None:
-                    Run.verify(ckpt)
-    if plan_note:
-        print(plan_note)
-    print_plan(cfg)
-    started = time.time()
-    if resume:
-        run = Run.open(resume)
-        resumed = True
-    else:
-        path = Run.new_path(cfg)
-        if stage == "pipeline":
-            cfg["run"]["dir"] = str(path)
-            cfg["stages"] = dict(S.link_plan(list(cfg["stages"].items()), path))
-        else:
-            cfg["run"]["dir"] = str(path)
-        run = Run.create(cfg, path)
-        resumed = False
-    print(f"run dir: {run.dir}")
-    if stage == "pipeline":
-        S.run_pipeline(cfg, run)
-    else:
-        S.run_stage(cfg, run, resumed=resumed)
-    print(f"finished in {time.time() - started:.0f} s; report: {run.dir / 'report.md'}")
-    return 0

@@ -11,9 +11,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from typing import Any
 
 import yaml
+
+from ..methods import NotRegistered, RecipeNotFound
+from ..methods import load_recipe as library_recipe
+from .errors import ConfigError
 
 STAGES = ("teacher", "upstream", "downstream", "evaluate", "pipeline")
 
@@ -31,7 +36,8 @@ DEFAULTS: dict[str, Any] = {
         "eval_corpus": None,       # upstream: held-out text files; None = the last eval_fraction of the corpus
         "eval_fraction": 0.05,
         "max_len": 128,            # tokens per example / per upstream text block
-        "max_train_examples": None,  # truncate the training set (quick runs)
+        "max_train_examples": None,  # at most this many training examples (quick runs, small-task studies)
+        "subset_seed": None,       # with max_train_examples: a random subset fixed by this seed; None = the first ones
         "max_eval_examples": None,
         "mlm_probability": 0.15,
         "objective": "auto",       # upstream: auto = mlm if the model has an MLM head, else representation
@@ -78,10 +84,6 @@ DEFAULTS: dict[str, Any] = {
 STAGE_SECTIONS = ("teacher", "upstream", "downstream", "evaluate")
 # keys of `run` that may differ between an interrupted run and its --resume
 RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir")
-
-
-class ConfigError(ValueError):
-    """A config the trainer refuses, with a message for the user."""
 
 
 def parse_value(text: str) -> Any:
@@ -151,20 +153,14 @@ RECIPE_TRAINING_DERIVED = ("objective",)  # from the task (downstream) or the mo
 
 
 def load_recipe(method: str, stage: str) -> dict:
-    """The library's recipe for (method, stage), or {} when it has none (yet)."""
+    """The library's recipe for (method, stage), or {} when it has none (an unknown method is
+    refused later, by the stage's preflight, with the list of known ones)."""
     try:
-        from sparsebert.methods import load_recipe as lib_load_recipe
-    except ImportError:
+        return library_recipe(method, stage)
+    except (RecipeNotFound, NotRegistered):
         return {}
-    try:
-        recipe = lib_load_recipe(method, stage)
-    except (FileNotFoundError, KeyError):
-        return {}
-    except ValueError as e:  # a recipe that names unknown options, or an unknown method
-        if "unknown method" in str(e):
-            return {}
+    except ValueError as e:  # a recipe that names unknown options
         raise ConfigError(f"recipe {method}/{stage}: {e}") from None
-    return recipe or {}
 
 
 def split_recipe_training(training: dict) -> tuple[dict, dict]:
@@ -178,7 +174,6 @@ def split_recipe_training(training: dict) -> tuple[dict, dict]:
         elif k in DEFAULTS["training"]:
             own[k] = v
         else:
-            import warnings
             warnings.warn(f"recipe training.{k} is not a trainer setting; ignored", stacklevel=2)
     return own, other
 

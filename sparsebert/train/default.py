@@ -12,7 +12,12 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from . import config as C
+from . import runtime
+from .models import load_model, quiet_transformers
+from .pipeline import STARTUP_S, resolve_pipeline, run_command
 
 METHOD = "prune-ofa"          # the one default to change to switch the default run's method
 BUDGET_S = 15 * 60            # the promise
@@ -34,7 +39,7 @@ DEFAULT_USER = {
 # seconds per step of each stage relative to the calibration step (plain fine-tuning), evaluations and
 # model loads amortized. Measured with prune-ofa on the merged ops, 1 thread on a loaded 2-core machine:
 # teacher 3.4 s, upstream 3.4 s, downstream 3.0 s a step against 2.4 s calibrated (load varies a lot;
-# the pipeline refits each stage to the time left, see stages.fit_stage_to_budget).
+# the pipeline refits each stage to the time left, see pipeline.fit_stage_to_budget).
 COST = {"teacher": 1.0, "upstream": 1.5, "downstream": 1.2}
 
 
@@ -50,9 +55,8 @@ def choose_threads() -> tuple[int, str]:
 
 def calibrate(batch_size: int, max_len: int) -> float:
     """Seconds for one training step (forward, backward, AdamW) of the bundled MiniLM at the default shape."""
-    import torch
-    from .stages import load_model, runtime
-    runtime({"run": {"device": "cpu", "threads": None, "precision": "fp32"}})
+    quiet_transformers()
+    runtime.apply({"device": "cpu", "threads": None, "precision": "fp32"})
     model = load_model("minilm", "classification", 5)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -68,7 +72,7 @@ def calibrate(batch_size: int, max_len: int) -> float:
 
 
 def estimate(cfg: dict, step_s: float) -> float:
-    total = 30.0  # start-up, tokenization
+    total = STARTUP_S
     for s in cfg["stages"].values():
         total += (s["training"]["max_steps"] or 0) * step_s * COST[s["stage"]]
     return total
@@ -77,7 +81,6 @@ def estimate(cfg: dict, step_s: float) -> float:
 def fit_to_budget(user: dict, cfg: dict, step_s: float) -> tuple[dict, float, bool]:
     """Fewer steps per stage when this machine is too slow for the default plan to end in time.
     The steps chosen are part of the saved config, so a resumed run keeps them."""
-    from .cli import resolve_pipeline
     est = estimate(cfg, step_s)
     if est <= TARGET_S:
         return user, est, False
@@ -94,7 +97,6 @@ def fit_to_budget(user: dict, cfg: dict, step_s: float) -> tuple[dict, float, bo
 
 
 def main(user_extra: dict, smoke: bool = False, print_config: bool = False, resume: str | None = None) -> int:
-    from .cli import resolve_pipeline, run_command
     if resume:  # the saved config is the plan (steps fitted to the budget included)
         return run_command("pipeline", user_extra, resume=resume, print_config=print_config)
     user = C.merge(DEFAULT_USER, user_extra)
@@ -106,7 +108,6 @@ def main(user_extra: dict, smoke: bool = False, print_config: bool = False, resu
             threads, why = choose_threads()
             C.set_path(user, "run.threads", threads)
             print(f"threads: {why}")
-            import torch
             torch.set_num_threads(threads)
         cfg = resolve_pipeline(user)
         t = cfg["stages"]["upstream"]["training"]

@@ -1,75 +1,24 @@
-"""Measured sparsity, and each run's report.md with its PNG plots (matplotlib, Agg backend)."""
+"""Each run's report.md with its PNG plots (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
-
-LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
-# short names of the prunable matrices of a BERT layer, by the end of their module name
-PARTS = [("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
-         ("attention.output.dense", "attn-out"), ("intermediate.dense", "ffn-in"), ("output.dense", "ffn-out")]
-
-
-def _kept(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """Boolean map of the weights that count: nonzero and (when the module carries a mask) unmasked."""
-    kept = weight != 0
-    mask = getattr(module, "mask", None)
-    if isinstance(mask, torch.Tensor):
-        if mask.dtype == torch.uint8 and mask.shape[-1] == (weight.shape[-1] + 7) // 8 and mask.shape[:-1] == weight.shape[:-1]:
-            from sparsebert.ops import unpack_mask
-            kept &= unpack_mask(mask, weight.shape[-1]).to(kept.device)
-        elif mask.shape == weight.shape:
-            kept &= mask.to(kept.device) != 0
-    return kept
-
-
-@torch.no_grad()
-def measure_sparsity(model: torch.nn.Module) -> dict:
-    """Zero fraction of the encoder layers' 2-D weight matrices: overall, per layer, per matrix."""
-    zeros = total = 0
-    layers: dict[str, list[int]] = {}
-    modules: dict[str, float] = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        m = LAYER_RE.search(name + ".")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or m is None or "embeddings" in name:
-            continue
-        kept = _kept(module, weight)
-        z, n = int(kept.numel() - kept.sum()), kept.numel()
-        zeros, total = zeros + z, total + n
-        acc = layers.setdefault(m.group(1), [0, 0])
-        acc[0] += z
-        acc[1] += n
-        modules[name] = z / n
-    return {"overall": zeros / total if total else 0.0,
-            "layers": {k: v[0] / v[1] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))},
-            "modules": modules}
-
-
-def _short(module_name: str) -> str | None:
-    for suffix, short in PARTS:
-        if module_name.endswith(suffix) and not (short == "ffn-out" and "attention" in module_name):
-            return short
-    return None
+from ..families import ROLES
 
 
 def per_layer_table(sparsity: dict) -> str:
-    rows: dict[str, dict[str, float]] = {}
-    for name, frac in sparsity.get("modules", {}).items():
-        m = LAYER_RE.search(name + ".")
-        part = _short(name)
-        if m and part:
-            rows.setdefault(m.group(1), {})[part] = frac
+    """Markdown: the sparsity of every encoder matrix by layer and role (a sparsity_report)."""
+    rows: dict[int, dict[str, float]] = {}
+    for m in sparsity.get("matrices", []):
+        if m["layer"] is not None:
+            rows.setdefault(m["layer"], {})[m["role"]] = m["sparsity"]
     if not rows:
         return "_no encoder layers found_\n"
-    cols = [short for _, short in PARTS]
-    lines = ["| layer | " + " | ".join(cols) + " | all |", "|---" * (len(cols) + 2) + "|"]
-    for layer in sorted(rows, key=int):
-        cells = [f"{rows[layer][c]:.3f}" if c in rows[layer] else "-" for c in cols]
-        lines.append(f"| {layer} | " + " | ".join(cells) + f" | {sparsity['layers'].get(layer, 0.0):.3f} |")
-    lines.append(f"| **all** | " + " | ".join([""] * len(cols)) + f" | **{sparsity['overall']:.3f}** |")
+    lines = ["| layer | " + " | ".join(ROLES) + " | all |", "|---" * (len(ROLES) + 2) + "|"]
+    for layer in sorted(rows):
+        cells = [f"{rows[layer][c]:.3f}" if c in rows[layer] else "-" for c in ROLES]
+        lines.append(f"| {layer} | " + " | ".join(cells) + f" | {sparsity['layers'].get(str(layer), 0.0):.3f} |")
+    lines.append(f"| **all** | " + " | ".join([""] * len(ROLES)) + f" | **{sparsity['overall']:.3f}** |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,10 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import config as C
-
-
-class RunError(RuntimeError):
-    """A run dir that cannot be used (different config, corrupted checkpoint), with a message for the user."""
+from .errors import RunError
 
 
 def _fsync_dir(path: Path) -> None:

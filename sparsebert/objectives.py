@@ -1,0 +1,26 @@
+"""What a model is trained for: the objectives, their supervised losses, and the batch keys a
+transformers model's forward takes. Shared by the distillation losses and the methods."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("classification", "regression", "mlm", "representation")
+TASK_OBJECTIVES = ("classification", "regression")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of a batch that a transformers model's forward takes."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def task_loss(logits: torch.Tensor, batch: dict, objective: str) -> torch.Tensor:
+    """The supervised loss of an objective: cross-entropy, MSE, or masked-LM cross-entropy."""
+    if objective == "classification":
+        return F.cross_entropy(logits, batch["labels"])
+    if objective == "regression":
+        return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
+    if objective == "mlm":
+        return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
+    raise ValueError(f"objective {objective!r} has no supervised task loss")

@@ -1,0 +1,188 @@
+"""Planning and running: the stages of a pipeline and how each feeds the next, the time budget of
+the embedded default, and the run command behind every CLI stage (plan, preflight, run dir, run)."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import config as C
+from .errors import ConfigError
+from .report import write_pipeline_report
+from .runs import Run
+from .stages import preflight, run_stage
+
+#: Seconds of a run that are not training steps (start-up, model loads, tokenization), for estimates.
+STARTUP_S = 30.0
+
+
+def student_role(cfg: dict) -> str:
+    return cfg.get("roles", {}).get("student") or "upstream"
+
+
+def pipeline_plan(user: dict) -> list[tuple[str, dict]]:
+    """(sub-run name, resolved config): teacher per task, upstream (when a downstream student starts from
+    it, as the method's recipe says), downstream per task. Model paths are linked by link_plan."""
+    base = C.resolve("downstream", user)
+    tasks = base["data"]["tasks"] or [base["data"]["task"]]
+    if isinstance(tasks, str):
+        tasks = [x for x in tasks.split(",") if x]
+    teachers, downs = [], []
+    for task in tasks:
+        u = C.merge(user, {"data": {"task": task, "tasks": None}})
+        teachers.append((f"teacher-{task}", C.resolve("teacher", u)))
+        downs.append((f"downstream-{task}", C.resolve("downstream", u)))
+    ups = []
+    if any(student_role(cfg) == "upstream" for _, cfg in downs):
+        ups.append(("upstream", C.resolve("upstream", C.merge(user, {"data": {"tasks": None}}))))
+    return teachers + ups + downs
+
+
+def resolve_pipeline(user: dict) -> dict:
+    """The pipeline's config: {stage: pipeline, user: overrides, run, stages: {name: resolved config}}."""
+    base = C.resolve("downstream", user)
+    return {"stage": "pipeline", "user": user, "run": base["run"], "stages": dict(pipeline_plan(user))}
+
+
+def link_plan(plan: list[tuple[str, dict]], root: Path) -> list[tuple[str, dict]]:
+    """Point each downstream at its inputs in the pipeline dir: the upstream output (or the pre-trained
+    model) as student, its task's fine-tuned teacher, and the pre-trained model when the method uses it."""
+    out = []
+    original = plan[0][1]["model"]["name"]
+    for name, cfg in plan:
+        cfg = copy.deepcopy(cfg)
+        cfg["run"]["dir"] = str(root / name)
+        if cfg["stage"] == "downstream":
+            if student_role(cfg) == "upstream":
+                cfg["model"]["name"] = str(root / "upstream" / "model")
+            cfg["model"]["teacher"] = str(root / f"teacher-{cfg['data']['task']}" / "model")
+            if cfg["roles"].get("pretrained") and not cfg["model"]["pretrained"]:
+                cfg["model"]["pretrained"] = original
+        out.append((name, cfg))
+    return out
+
+
+def fit_stage_to_budget(pcfg: dict, name: str, done: list[dict]) -> bool:
+    """With a time budget (pcfg["budget"], the default run), give the next stage fewer steps when the
+    stages so far ran slower than planned. Measured: seconds per cost-weighted step of the stages done
+    (model loads and evaluations included). Returns whether the stage's config changed."""
+    budget = pcfg.get("budget")
+    if not budget or not done:
+        return False
+    cost = budget["cost"]
+    spent = budget.get("overhead_s", STARTUP_S) + sum(d["results"].get("time_s", 0.0) for d in done)
+    work = sum(d["results"].get("steps", 0) * cost.get(d["stage"], 1.0) for d in done)
+    if work <= 0:
+        return False
+    rate = spent / work
+    names = list(pcfg["stages"])
+    left = names[names.index(name):]
+    planned = sum(pcfg["stages"][n]["training"]["max_steps"] * cost.get(pcfg["stages"][n]["stage"], 1.0) * rate
+                  for n in left)
+    remaining = budget["target_s"] - spent
+    if planned <= remaining:
+        return False
+    t = pcfg["stages"][name]["training"]
+    steps = max(budget["min_steps"], int(t["max_steps"] * max(0.0, remaining) / planned))
+    if steps >= t["max_steps"]:
+        return False
+    tqdm.write(f"[pipeline] {name}: {t['max_steps']} -> {steps} steps to stay within the time budget "
+               f"({spent:.0f} s spent, {rate:.2f} s per step measured)")
+    t["max_steps"] = steps
+    t["checkpoint_every"] = min(t["checkpoint_every"], steps)
+    return True
+
+
+def run_pipeline(pcfg: dict, run: Run) -> dict:
+    """Run (or continue) every stage of a pipeline into its sub-dir; the summary report after each."""
+    stages = []
+    for name, cfg in pcfg["stages"].items():
+        sub_dir = run.dir / name
+        if (sub_dir / "config.json").is_file():
+            sub, resumed = Run.open(sub_dir), True
+            sub.check_same_config(cfg)
+        else:
+            if fit_stage_to_budget(pcfg, name, stages):
+                run.write_config(pcfg)  # the saved plan is what ran, so a resume agrees with it
+            sub, resumed = Run.create(cfg, sub_dir), False
+        if sub.done:
+            tqdm.write(f"[pipeline] {name}: done earlier, reusing {sub_dir}")
+        results = run_stage(cfg, sub, resumed=resumed)
+        stages.append({"name": name, "stage": cfg["stage"], "task": cfg["data"]["task"] if cfg["stage"] != "upstream"
+                       else "corpus", "method": cfg["method"]["name"], "results": results})
+        write_pipeline_report(run.dir, stages)
+    summary = {"stage": "pipeline", "stages": {s["name"]: s["results"] for s in stages}}
+    run.finish(summary)
+    write_pipeline_report(run.dir, stages)
+    return summary
+
+
+def print_plan(cfg: dict) -> None:
+    stages = cfg["stages"] if cfg["stage"] == "pipeline" else {cfg["stage"]: cfg}
+    print("plan:")
+    for name, s in stages.items():
+        t = s["training"]
+        steps = f"{t['max_steps']} steps" if t["max_steps"] else f"{t['epochs']} epoch(s)"
+        what = s["data"]["task"] if s["stage"] != "upstream" else f"corpus {s['data']['corpus']}"
+        print(f"  {name:<22} {s['method']['name']:<14} {what:<28} {steps}, batch {t['batch_size']}, lr {t['lr']}")
+
+
+def _resolve(stage: str, user: dict) -> dict:
+    return resolve_pipeline(user) if stage == "pipeline" else C.resolve(stage, user)
+
+
+def run_command(stage: str, user: dict, resume: str | None = None, print_config: bool = False,
+                plan_note: str | None = None, budget: dict | None = None) -> int:
+    """A stage (or the pipeline) from the user's overrides, or the continuation of a run: everything
+    is checked before the run dir is made."""
+    if resume:
+        run = Run.open(resume)
+        saved = run.saved_config()
+        if saved["stage"] != stage:
+            raise ConfigError(f"{resume} is a {saved['stage']} run, not {stage}")
+        if user:  # what the command line says must agree with the run being resumed
+            now = _resolve(stage, user)
+            if stage == "pipeline":
+                now["stages"] = dict(link_plan(list(now["stages"].items()), Path(saved["run"]["dir"])))
+            run.check_same_config(now)
+        cfg = saved
+    else:
+        cfg = _resolve(stage, user)
+        if budget and stage == "pipeline":
+            cfg["budget"] = budget
+    if print_config:
+        print(C.dump(cfg))
+        return 0
+    if stage == "pipeline":
+        for c in cfg["stages"].values():  # later stages read models that earlier ones will write
+            preflight(c, model_exists=c["stage"] != "downstream")
+    else:
+        preflight(cfg)
+    if resume:  # a corrupted checkpoint is refused now, not after the models are built
+        subs = [Path(resume) / name for name in cfg["stages"]] if stage == "pipeline" else [Path(resume)]
+        for sub in subs:
+            if (sub / "config.json").is_file() and not Run(sub).done:
+                ckpt = Run(sub).latest_checkpoint()
+                if ckpt is not None:
+                    Run.verify(ckpt)
+    if plan_note:
+        print(plan_note)
+    print_plan(cfg)
+    started = time.time()
+    if resume:
+        run = Run.open(resume)
+    else:
+        path = Run.new_path(cfg)
+        cfg["run"]["dir"] = str(path)
+        if stage == "pipeline":
+            cfg["stages"] = dict(link_plan(list(cfg["stages"].items()), path))
+        run = Run.create(cfg, path)
+    print(f"run dir: {run.dir}")
+    if stage == "pipeline":
+        run_pipeline(cfg, run)
+    else:
+        run_stage(cfg, run, resumed=bool(resume))
+    print(f"finished in {time.time() - started:.0f} s; report: {run.dir / 'report.md'}")
+    return 0
