@@ -36,26 +36,6 @@ class OneShot:
         return cls(c["sparsity"], 0)
 
 
-@SCHEDULES.register("lock")
-@dataclasses.dataclass
-class Lock:
-    """Pattern lock: one event before training keeps exactly the weights that are not zero (the
-    `nonzero` criterion, threshold 0), and the mask never changes (Prune OFA downstream)."""
-    criterion = "nonzero"  # whatever the method's criterion: the pattern is the weights' own
-    final: float = 0.0
-    end: int = 0
-
-    def is_event(self, t: int) -> bool:
-        return t == 0
-
-    def value_at(self, t: int) -> float:
-        return 0.0
-
-    @classmethod
-    def from_config(cls, c: dict, total_steps: int, criterion) -> "Lock":
-        return cls()
-
-
 @SCHEDULES.register("none")
 @dataclasses.dataclass
 class NoPruning:
@@ -70,8 +50,19 @@ class NoPruning:
         return 0.0
 
     @classmethod
-    def from_config(cls, c: dict, total_steps: int, criterion) -> "NoPruning":
+    def from_config(cls, c: dict, total_steps: int, criterion):
         return cls()
+
+
+@SCHEDULES.register("lock")
+@dataclasses.dataclass
+class Lock(NoPruning):
+    """Pattern lock: one event before training keeps exactly the weights that are not zero (the
+    `nonzero` criterion, threshold 0), and the mask never changes (Prune OFA downstream)."""
+    criterion = "nonzero"  # whatever the method's criterion: the pattern is the weights' own
+
+    def is_event(self, t: int) -> bool:
+        return t == 0
 
 
 @SCHEDULES.register("cubic")
