@@ -8,7 +8,6 @@ peak-RSS growth of a fresh subprocess (CPU) or the CUDA allocator's peak (GPU).
 """
 import argparse
 import json
-import math
 import pathlib
 import resource
 import subprocess
@@ -20,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import sparsebert  # noqa: E402,F401
-from sparsebert.ops import mask_nnz, unpack_mask  # noqa: E402
+from sparsebert.ops import kept_count, mask_nnz, unpack_mask  # noqa: E402
 from sparsebert.ops import topk as T  # noqa: E402
 
 
@@ -37,10 +36,6 @@ def reference_masks(ws, k):
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
     return [part.reshape(w.shape) for part, w in zip(keep.split([w.numel() for w in ws]), ws)]
-
-
-def kept_count(n, sparsity):
-    return n - math.floor(sparsity * n)
 
 
 def check(device, sparsity):

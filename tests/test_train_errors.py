@@ -1,5 +1,4 @@
 """Bad input is refused with a clear message before any work starts (no run dir is made)."""
-import json
 import shutil
 
 import pytest

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..objectives import OBJECTIVES, TASK_OBJECTIVES, model_inputs, task_loss  # noqa: F401  (re-exported)
+from ..objectives import OBJECTIVES, model_inputs, task_loss
 from ..registry import Registry
 from ..sparsity.schedules import linear_warmup_decay
 

@@ -6,7 +6,8 @@ import math
 from torch import nn
 
 from ..families import family_of
-from .base import TASK_OBJECTIVES, Method, register_method
+from ..objectives import TASK_OBJECTIVES
+from .base import Method, register_method
 from .sparse import SparseMethod
 
 

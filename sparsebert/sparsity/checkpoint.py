@@ -11,7 +11,6 @@ import transformers
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .modules import MaskedLinear
 from .quant import enable_qat, fake_quantize
 from .report import sparsity_report
 from .sparsify import masked_modules, sparsify

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from ..families import ROLES
+from .inputs import on_corpus
 
 
 def per_layer_table(sparsity: dict) -> str:
@@ -18,7 +21,7 @@ def per_layer_table(sparsity: dict) -> str:
     for layer in sorted(rows):
         cells = [f"{rows[layer][c]:.3f}" if c in rows[layer] else "-" for c in ROLES]
         lines.append(f"| {layer} | " + " | ".join(cells) + f" | {sparsity['layers'].get(str(layer), 0.0):.3f} |")
-    lines.append(f"| **all** | " + " | ".join([""] * len(ROLES)) + f" | **{sparsity['overall']:.3f}** |")
+    lines.append("| **all** | " + " | ".join([""] * len(ROLES)) + f" | **{sparsity['overall']:.3f}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,9 +103,8 @@ def results_table(rows: list[dict]) -> str:
 
 def write_stage_report(run, cfg: dict, results: dict) -> Path:
     records = run.metrics()
-    plots = plot_curves(records, run.dir)
-    on_corpus = cfg["stage"] == "upstream" or (cfg["stage"] == "evaluate" and cfg["data"]["corpus"] is not None)
-    task = f"corpus ({results.get('objective')})" if on_corpus else cfg["data"]["task"]
+    plot_curves(records, run.dir)
+    task = f"corpus ({results.get('objective')})" if on_corpus(cfg) else cfg["data"]["task"]
     lines = [f"# sparsebert {cfg['stage']}: {cfg['method']['name']} on {task}", "",
              f"- model: `{cfg['model']['name']}`" + (f", teacher: `{cfg['model']['teacher']}`" if cfg['model']['teacher'] else ""),
              f"- objective: {results.get('objective')}, steps: {results.get('steps')}, "
@@ -138,5 +140,4 @@ def write_pipeline_report(run_dir: Path, stages: list[dict]) -> Path:
 
 
 def _yaml(obj) -> str:
-    import yaml
     return yaml.safe_dump(obj, sort_keys=False).rstrip()
