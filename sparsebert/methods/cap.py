@@ -18,7 +18,7 @@ class CAP(SparseMethod):
         "criterion": "movement",
         "pattern": "tensor",
         "schedule": "sanh",
-        "warmup_frac": 0.334,  # one epoch of the recipe's three: the scores need it (see recipes/cap)
+        "warmup_frac": 0.334,  # one epoch of the recipe's three: the scores need it (see sparsebert/recipes/cap)
         "cooldown_frac": 0.2,
         "frequency": 1,
         "score_lr": 1e-2,

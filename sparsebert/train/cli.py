@@ -38,7 +38,7 @@ Config: every field (see sparsebert/train/config.py) is overridable, last wins:
   --set training.lr=3e-5 method.sparsity=0.9           (values are YAML: 3e-5, true, null, [sst2, rte])
   --training.lr 3e-5  or  --training.lr=3e-5            (dotted flags)
   --upstream.training.epochs 2                          (stage-specific training settings)
-Precedence: defaults < stage defaults < the method's recipe (recipes/<method>/<stage>.yaml) < command line.
+Precedence: defaults < stage defaults < the method's recipe (sparsebert/recipes/<method>/<stage>.yaml, or --recipe FILE) < command line.
 The resolved config is saved as <run>/config.yaml; --print-config shows it without running.
 """
 

@@ -2,7 +2,8 @@
 
 Layers, each overriding the one before:
   1. DEFAULTS below (`training` shared by all stages, then the stage's own `<stage>.training`);
-  2. the method's recipe `recipes/<method>/<stage>.yaml` (its `method:` and `training:` sections);
+  2. the method's recipe `sparsebert/recipes/<method>/<stage>.yaml`, or --recipe FILE (its `method:`,
+     `training:` and `models:` sections);
   3. the command line (`--set a.b=value`, dotted flags, and the shortcut flags).
 The resolved config of a stage is flat: {stage, model, data, training, method, run}.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import warnings
+import os
 from typing import Any
 
 import yaml
 
 from ..methods import NotRegistered, RecipeNotFound
 from ..methods import load_recipe as library_recipe
+from ..methods.recipes import load_recipe_file, recipe_names
 from .errors import ConfigError
 
 STAGES = ("teacher", "upstream", "downstream", "evaluate", "pipeline")
@@ -76,8 +78,8 @@ DEFAULTS: dict[str, Any] = {
         "precision": "fp32",       # fp32 | bf16 | fp16 (fp16 needs cuda)
         "threads": None,           # torch CPU threads; None = torch's default
         "smoke": False,            # reduced steps and data, same code path (tests)
-        "recipe": None,            # recipes/<method>/<recipe>.yaml for upstream/downstream; None = the stage's
-                                   # name (e.g. downstream-qat for prune-ofa, structured for cap)
+        "recipe": None,            # upstream/downstream: a recipe name of the method (downstream-qat, structured;
+                                   # None = the stage's name) or a recipe file of your own (its method.name)
     },
 }
 
@@ -153,14 +155,49 @@ RECIPE_TRAINING_DERIVED = ("objective",)  # from the task (downstream) or the mo
 
 
 def load_recipe(method: str, stage: str) -> dict:
-    """The library's recipe for (method, stage), or {} when it has none (an unknown method is
-    refused later, by the stage's preflight, with the list of known ones)."""
+    """The library's recipe for (method, stage). A method that ships no recipe at all (a user's own)
+    runs on the defaults, and an unknown one is refused by the stage's preflight with the known ones:
+    both give {}. A shipped method without a recipe for the stage is an error."""
     try:
         return library_recipe(method, stage)
-    except (RecipeNotFound, NotRegistered):
+    except NotRegistered:
+        return {}
+    except RecipeNotFound as e:
+        if recipe_names(method):
+            raise ConfigError(str(e)) from None
         return {}
     except ValueError as e:  # a recipe that names unknown options
         raise ConfigError(f"recipe {method}/{stage}: {e}") from None
+
+
+def is_recipe_file(recipe: str) -> bool:
+    """--recipe takes a recipe name of the method (downstream-qat) or the path of a user's own file."""
+    return recipe.endswith((".yaml", ".yml")) or "/" in recipe or os.sep in recipe
+
+
+def _recipe(stage: str, user: dict) -> tuple[str, dict]:
+    """(method name, recipe) of a stage: the teacher is dense; --recipe FILE names its own method."""
+    if stage == "teacher":
+        return "dense", load_recipe("dense", "teacher")
+    given = get_path(user, "method.name")
+    chosen = get_path(user, "run.recipe") if stage in ("upstream", "downstream") else None
+    if chosen and is_recipe_file(str(chosen)):
+        try:
+            recipe = load_recipe_file(chosen)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        except RecipeNotFound as e:
+            raise ConfigError(str(e)) from None
+        if given and given != recipe["method"]["name"]:
+            raise ConfigError(f"--method {given} but recipe {chosen} is for method {recipe['method']['name']!r}")
+        return recipe["method"]["name"], recipe
+    method = given or DEFAULTS["method"]["name"]
+    if stage == "evaluate":
+        return method, {}
+    recipe = load_recipe(method, chosen or stage)
+    if chosen and not recipe:
+        raise ConfigError(f"no recipe recipes/{method}/{chosen}.yaml")
+    return method, recipe
 
 
 def split_recipe_training(training: dict) -> tuple[dict, dict]:
@@ -174,18 +211,15 @@ def split_recipe_training(training: dict) -> tuple[dict, dict]:
         elif k in DEFAULTS["training"]:
             own[k] = v
         else:
-            warnings.warn(f"recipe training.{k} is not a trainer setting; ignored", stacklevel=2)
+            raise ConfigError(f"recipe training.{k} is not a trainer setting; known: "
+                              f"{', '.join(sorted([*DEFAULTS['training'], *RECIPE_TRAINING_MAP, *RECIPE_TRAINING_DERIVED]))}")
     return own, other
 
 
 def resolve(stage: str, user: dict) -> dict:
     """The flat config of one stage run: defaults < stage defaults < recipe < user."""
     check_known_keys(user)
-    method_name = "dense" if stage == "teacher" else get_path(user, "method.name", DEFAULTS["method"]["name"])
-    recipe_name = get_path(user, "run.recipe") if stage in ("upstream", "downstream") else None
-    recipe = load_recipe(method_name, recipe_name or stage) if stage != "evaluate" else {}
-    if recipe_name and not recipe:
-        raise ConfigError(f"no recipe recipes/{method_name}/{recipe_name}.yaml")
+    method_name, recipe = _recipe(stage, user)
     training = merge(DEFAULTS["training"], DEFAULTS[stage]["training"] if stage in STAGE_SECTIONS else {})
     recipe_training, recipe_other = split_recipe_training(recipe.get("training"))
     recipe_layer: dict = {}
