@@ -1,5 +1,5 @@
-"""The trainer's callbacks for a run directory: metrics, periodic evaluation, checkpoints with exact
-resume, the progress bar and the test kill hook. A stage runs them in the order of `for_run`:
+"""The trainer's callbacks for a run directory: metrics, a time limit, periodic evaluation,
+checkpoints with exact resume, the progress bar and the test kill hook. A stage runs them in the order of `for_run`:
 evaluation comes before the checkpoint of the same step (the checkpoint holds it), and the
 progress bar after the checkpoint, whose on_train_begin restores the step the bar starts from."""
 from __future__ import annotations
@@ -79,8 +79,31 @@ class Checkpoint(Callback):
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
         if due(log.step, self.every, trainer.total_steps):
-            self.run.save_checkpoint(trainer.step, trainer.model, trainer.optimizer, trainer.method,
-                                     trainer.state_dict(), keep=self.keep, scaler=trainer.scaler)
+            self.save(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.stopped is not None:
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> None:
+        self.run.save_checkpoint(trainer.step, trainer.model, trainer.optimizer, trainer.method,
+                                 trainer.state_dict(), keep=self.keep, scaler=trainer.scaler)
+
+
+class TimeLimit(Callback):
+    """End training once `seconds` have passed in this process; the stage then finishes with the steps
+    it has, and its results and report say so (`stopped`)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started = 0.0
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.started = time.time()
+
+    def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
+        if log.step < trainer.total_steps and time.time() - self.started > self.seconds:
+            trainer.stopped = f"time limit of {self.seconds:g} s reached"
 
 
 class KillHook(Callback):
@@ -119,8 +142,9 @@ class ProgressBar(Callback):
         self.bar.close()
 
 
-def for_run(run: Run, training: dict, steps_per_epoch: int, resume: bool) -> list[Callback]:
+def for_run(run: Run, training: dict, steps_per_epoch: int, resume: bool, time_limit: float | None) -> list[Callback]:
     """The callbacks of a stage run, in order."""
-    return [MetricsLog(run, training["log_every"]), Evaluate(training["eval_every"] or steps_per_epoch),
+    limit = [TimeLimit(time_limit)] if time_limit else []
+    return [MetricsLog(run, training["log_every"]), *limit, Evaluate(training["eval_every"] or steps_per_epoch),
             Checkpoint(run, training["checkpoint_every"], training["keep_checkpoints"], resume),
             KillHook(run.dir.name), ProgressBar()]

@@ -50,7 +50,8 @@ SHORTCUTS = {
     "method": "method.name", "epochs": "training.epochs", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "lr": "training.lr", "seed": "training.seed",
     "out": "run.out_dir", "run_dir": "run.dir", "device": "run.device", "precision": "run.precision",
-    "threads": "run.threads", "recipe": "run.recipe",
+    "threads": "run.threads", "recipe": "run.recipe", "time_limit": "run.time_limit",
+    "keep_checkpoints": "training.keep_checkpoints",
 }
 
 
@@ -83,6 +84,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--keep-checkpoints", type=int, metavar="N",
+                   help="checkpoints kept once a stage is done (default 1; 0: none, the exported model stays)")
+    g.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="end each stage's training after this many seconds; its results and report say so")
     g.add_argument("--smoke", action="store_true", help="reduced steps and data (same code path)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,           # steps between train-loss lines in metrics.jsonl
         "eval_every": None,        # steps between evaluations; None = once per epoch (and at the end)
         "checkpoint_every": 200,   # steps between checkpoints (and one at the end)
-        "keep_checkpoints": 1,
+        "keep_checkpoints": 1,     # checkpoints kept once the stage is done (0: none; 1 is kept while it runs)
     },
     "teacher": {"training": {"lr": 5e-5, "epochs": 3.0}},
     "upstream": {"training": {"lr": 1e-4, "epochs": 1.0}},
@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",          # auto | cpu | cuda | cuda:N
         "precision": "fp32",       # fp32 | bf16 | fp16 (fp16 needs cuda)
         "threads": None,           # torch CPU threads; None = torch's default
+        "time_limit": None,        # seconds of training per stage and invocation; a stage cut short says so
         "smoke": False,            # reduced steps and data, same code path (tests)
         "recipe": None,            # upstream/downstream: a recipe name of the method (downstream-qat, structured;
                                    # None = the stage's name) or a recipe file of your own (its method.name)
@@ -85,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
 
 STAGE_SECTIONS = ("teacher", "upstream", "downstream", "evaluate")
 # keys of `run` that may differ between an interrupted run and its --resume
-RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir")
+RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir", "run.time_limit")
 
 
 def parse_value(text: str) -> Any:
@@ -261,9 +262,11 @@ def apply_smoke(cfg: dict) -> None:
 
 def validate_values(cfg: dict) -> None:
     t = cfg["training"]
-    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if not isinstance(t[key], int) or t[key] <= 0:
+    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
+        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] <= 0:
             raise ConfigError(f"training.{key} must be a positive integer, got {t[key]!r}")
+    if isinstance(t["keep_checkpoints"], bool) or not isinstance(t["keep_checkpoints"], int) or t["keep_checkpoints"] < 0:
+        raise ConfigError(f"training.keep_checkpoints must be a non-negative integer, got {t['keep_checkpoints']!r}")
     if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] <= 0):
         raise ConfigError(f"training.max_steps must be a positive integer or null, got {t['max_steps']!r}")
     if t["max_steps"] is None and not (isinstance(t["epochs"], (int, float)) and t["epochs"] > 0):
@@ -271,6 +274,12 @@ def validate_values(cfg: dict) -> None:
     for key in ("lr", "weight_decay"):
         if not isinstance(t[key], (int, float)) or t[key] < 0:
             raise ConfigError(f"training.{key} must be a non-negative number, got {t[key]!r}")
+    r = cfg["run"]
+    if r["threads"] is not None and (isinstance(r["threads"], bool) or not isinstance(r["threads"], int) or r["threads"] <= 0):
+        raise ConfigError(f"run.threads (--threads) must be a positive integer, got {r['threads']!r}")
+    if r["time_limit"] is not None and (isinstance(r["time_limit"], bool) or not isinstance(r["time_limit"], (int, float))
+                                        or r["time_limit"] <= 0):
+        raise ConfigError(f"run.time_limit (--time-limit) must be a positive number of seconds, got {r['time_limit']!r}")
     if cfg["run"]["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"run.precision must be fp32, bf16 or fp16, got {cfg['run']['precision']!r}")
     if not 0.0 < float(cfg["data"]["mlm_probability"]) < 1.0:
@@ -296,10 +305,13 @@ def check_sparsities(node: Any, path: str = "method") -> None:
 
 
 def comparable(cfg: dict) -> dict:
+    """The config without what may differ between a run and its resume (RESUME_FREE), in a pipeline's
+    stages and user overrides too."""
     out = copy.deepcopy(cfg)
-    out.pop("budget", None)  # the default run's time budget: how steps were planned, not what they are
     if isinstance(out.get("stages"), dict):
         out["stages"] = {k: comparable(v) for k, v in out["stages"].items()}
+    if isinstance(out.get("user"), dict):
+        out["user"] = comparable(out["user"])
     for dotted in RESUME_FREE:
         keys = dotted.split(".")
         node = out

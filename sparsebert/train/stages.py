@@ -159,8 +159,8 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     label = stage if stage == "upstream" else f"{stage}-{cfg['data']['task']}"
     trainer = Trainer(method=method, model=student, train_features=inputs.train, make_batch=inputs.batch, training=t,
                       total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device,
-                      precision=cfg["run"]["precision"], evaluate=evaluate, label=label,
-                      callbacks=callbacks.for_run(run, t, steps_per_epoch, resume=resumed))
+                      precision=cfg["run"]["precision"], evaluate=evaluate, label=label, started=started,
+                      callbacks=callbacks.for_run(run, t, steps_per_epoch, resumed, cfg["run"]["time_limit"]))
     tqdm.write(f"[{label}] {cfg['method']['name']} | objective {inputs.objective} | {len(inputs.train)} examples | "
                f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}")
     final = trainer.fit()
@@ -169,9 +169,11 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     sparsity = sparsity_report(AutoModel.from_pretrained(model_dir))
     final = {k: v for k, v in final.items() if k not in ("kind", "step")}
     results = {"stage": stage, "objective": inputs.objective, "final": final, "reference": reference,
-               "steps": total_steps, "train_size": len(inputs.train), "time_s": time.time() - started,
+               "steps": trainer.step, "planned_steps": total_steps, "stopped": trainer.stopped,
+               "train_size": len(inputs.train), "time_s": trainer.elapsed(),
                "model_dir": str(model_dir), "sparsity": sparsity, "method_state_keys": sorted(method.state_dict())}
     run.finish(results)
+    run.prune_checkpoints(t["keep_checkpoints"])
     write_stage_report(run, cfg, results)
     tqdm.write(f"[{label}] done in {results['time_s']:.0f} s; report: {run.dir / 'report.md'}")
     return results

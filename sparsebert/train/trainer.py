@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -50,7 +51,8 @@ class Callback:
 class Trainer:
     def __init__(self, *, method, model: torch.nn.Module, train_features: list, make_batch: Callable[[list, int], dict],
                  training: dict, total_steps: int, steps_per_epoch: int, device: torch.device, precision: str = "fp32",
-                 evaluate: Callable[[], dict] | None = None, callbacks: Sequence[Callback] = (), label: str = "train"):
+                 evaluate: Callable[[], dict] | None = None, callbacks: Sequence[Callback] = (), label: str = "train",
+                 started: float | None = None):
         self.method, self.model = method, model
         self.train_features, self.make_batch, self._evaluate = train_features, make_batch, evaluate
         self.training = training
@@ -62,13 +64,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.step = 0
         self.evals: list[dict] = []
+        self.stopped: str | None = None  # why a callback ended training before total_steps
+        self.started = time.time() if started is None else started  # this invocation's clock
+        self.earlier_s = 0.0  # seconds of the invocations before a resume, up to their checkpoint
+
+    def elapsed(self) -> float:
+        """Seconds this training has taken, over every invocation (a resumed run included)."""
+        return self.earlier_s + time.time() - self.started
 
     def state_dict(self) -> dict:
         return {"step": self.step, "evals": self.evals, "epoch": self.step // self.steps_per_epoch,
-                "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks}}
+                "time_s": self.elapsed(), "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.evals = state["step"], state["evals"]
+        self.step, self.evals, self.earlier_s = state["step"], state["evals"], state.get("time_s", 0.0)
         saved = state.get("callbacks", {})
         for cb in self.callbacks:
             cb.load_state_dict(saved.get(type(cb).__name__, {}))
@@ -86,7 +95,8 @@ class Trainer:
         return record
 
     def fit(self) -> dict:
-        """Train to total_steps (from where a callback restored the run); returns the last evaluation."""
+        """Train to total_steps (from where a callback restored the run), or until a callback sets
+        `stopped`; returns the evaluation of the last step."""
         seed_everything(self.training["seed"])
         self.model.train()
         for cb in self.callbacks:
@@ -94,7 +104,7 @@ class Trainer:
         bs = self.training["batch_size"]
         lengths = [len(f["input_ids"]) for f in self.train_features] if self.training["group_by_length"] else None
         order, order_epoch = None, -1
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and self.stopped is None:
             epoch, pos = divmod(self.step, self.steps_per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(len(self.train_features), self.training["seed"], epoch, lengths, bs), epoch
@@ -103,11 +113,11 @@ class Trainer:
             log = self._step(batch)
             for cb in self.callbacks:
                 cb.on_step_end(self, log)
+        if self._evaluate is not None and (not self.evals or self.evals[-1]["step"] != self.step):
+            self.evaluate()
         for cb in self.callbacks:
             cb.on_train_end(self)
-        if self.evals:
-            return self.evals[-1]
-        return self.evaluate() if self._evaluate is not None else {}
+        return self.evals[-1] if self.evals else {}
 
     def _step(self, batch: dict) -> StepLog:
         lr = self.method.lr_at(self.step, self.training["lr"])
