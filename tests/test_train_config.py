@@ -93,3 +93,12 @@ def test_named_recipe(recipe):
     assert cfg["method"] == {"name": "prune-ofa", "quantize": True}
     with pytest.raises(C.ConfigError, match="no recipe recipes/prune-ofa/nope.yaml"):
         C.resolve("downstream", {"method": {"name": "prune-ofa"}, "run": {"recipe": "nope"}})
+
+
+def test_transformers_argument_names_are_aliases():
+    user = overrides(["teacher", "--model_name_or_path", "m", "--learning_rate", "3e-5", "--num_train_epochs", "2",
+                      "--per_device_train_batch_size", "8", "--output_dir", "out", "--seed", "3", "--max_steps", "7",
+                      "--max_seq_length", "64"])
+    assert user == {"model": {"name": "m"}, "training": {"lr": 3e-5, "epochs": 2.0, "batch_size": 8, "seed": 3,
+                                                         "max_steps": 7},
+                    "run": {"dir": "out"}, "data": {"max_len": 64}}

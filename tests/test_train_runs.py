@@ -69,3 +69,12 @@ def test_bad_thread_counts_are_refused_before_the_run_dir(env, tmp_path, capsys,
     argv[argv.index("--threads") + 1] = threads
     assert main(argv) == 2
     assert "run.threads (--threads) must be a positive integer" in capsys.readouterr().err and not run.exists()
+
+
+def test_quiet_and_verbose(env, tmp_path, capsys):
+    assert main(teacher(env, tmp_path / "a", "--max-steps", "2")) == 0
+    out = capsys.readouterr().out
+    assert "plan:" in out and "run dir:" in out and "eval: dev/accuracy" in out
+    assert main(teacher(env, tmp_path / "b", "--max-steps", "2", "--quiet")) == 0
+    captured = capsys.readouterr()
+    assert "plan:" not in captured.out and "eval:" not in captured.out and "teacher-sst2" not in captured.err

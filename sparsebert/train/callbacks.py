@@ -4,12 +4,16 @@ evaluation comes before the checkpoint of the same step (the checkpoint holds it
 progress bar after the checkpoint, whose on_train_begin restores the step the bar starts from."""
 from __future__ import annotations
 
+import logging
 import time
 
 from tqdm.auto import tqdm
 
+from .logs import bars_enabled
 from .runs import Run, kill_hook
 from .trainer import Callback, StepLog, Trainer
+
+log = logging.getLogger(__name__)
 
 
 def fmt_seconds(s: float) -> str:
@@ -75,7 +79,7 @@ class Checkpoint(Callback):
         state = Run.load_checkpoint(ckpt, trainer.model, trainer.optimizer, trainer.method, trainer.scaler)
         trainer.load_state_dict(state)
         self.run.truncate_metrics(trainer.step)
-        tqdm.write(f"[{trainer.label}] resumed from {ckpt} at step {trainer.step}/{trainer.total_steps}")
+        log.info(f"[{trainer.label}] resumed from {ckpt} at step {trainer.step}/{trainer.total_steps}")
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
         if due(log.step, self.every, trainer.total_steps):
@@ -126,7 +130,7 @@ class ProgressBar(Callback):
     def on_train_begin(self, trainer: Trainer) -> None:
         self.started, self.start_step = time.time(), trainer.step
         self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=trainer.label, unit="step",
-                        dynamic_ncols=True, mininterval=2.0)
+                        dynamic_ncols=True, mininterval=2.0, disable=not bars_enabled())
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
         self.bar.update(1)
@@ -136,7 +140,7 @@ class ProgressBar(Callback):
         done = trainer.step - self.start_step
         eta = (time.time() - self.started) / done * (trainer.total_steps - trainer.step) if done else 0.0
         shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
-        tqdm.write(f"[{trainer.label}] step {trainer.step}/{trainer.total_steps} eval: {shown} | ETA {fmt_seconds(eta)}")
+        log.info(f"[{trainer.label}] step {trainer.step}/{trainer.total_steps} eval: {shown} | ETA {fmt_seconds(eta)}")
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.bar.close()

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import config as C
-from . import default
+from . import default, logs
 from .errors import ConfigError, TrainError
 from .pipeline import run_command
 from .runs import Run
@@ -25,6 +25,9 @@ Stages (subcommands):
   downstream  fine-tune / prune on a task with a method (student: --model, teacher: --teacher)
   evaluate    evaluate a model dir on a task's dev split(s)
   pipeline    teacher (per task) + upstream + downstream (per task), each reusing the previous output
+
+The transformers names of the common flags work too (--model_name_or_path, --learning_rate,
+--num_train_epochs, --per_device_train_batch_size, --max_steps, --max_seq_length, --output_dir).
 
 Examples:
   python -m sparsebert.train teacher --model minilm --task rte --data-dir ../shared/data/glue
@@ -57,7 +60,7 @@ SHORTCUTS = {
 
 def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="checkpoint name or dir; 'minilm' = the bundled all-MiniLM-L6-v2 (default)")
+    g.add_argument("--model", "--model_name_or_path", help="checkpoint name or dir; 'minilm' = the bundled all-MiniLM-L6-v2 (default)")
     g.add_argument("--teacher", help="downstream: fine-tuned dense teacher dir")
     g.add_argument("--pretrained", help="downstream: frozen pre-trained encoder for methods that use one (cap)")
     g.add_argument("--task", help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli, or pydoc-topics")
@@ -65,21 +68,21 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="dir of GLUE TSV files (<dir>/<TASK>/train.tsv); default: `datasets` by name")
     g.add_argument("--corpus", nargs="+", help="upstream text: .txt files/dirs, 'pydoc', or a datasets name path:config")
     g.add_argument("--eval-corpus", nargs="+", help="upstream held-out text (default: tail of --corpus)")
-    g.add_argument("--max-len", type=int, help="max tokens per example")
+    g.add_argument("--max-len", "--max_seq_length", type=int, help="max tokens per example")
     g.add_argument("--cache-dir", help="tokenization cache dir")
     g = p.add_argument_group("method and training")
     g.add_argument("--method", help="prune-ofa | sparsebert-kap | cap | <baselines> | dense")
     g.add_argument("--recipe", help="recipe file of the method other than the stage's, e.g. downstream-qat")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
+    g.add_argument("--epochs", "--num_train_epochs", type=float)
+    g.add_argument("--max-steps", "--max_steps", type=int)
+    g.add_argument("--batch-size", "--per_device_train_batch_size", type=int)
+    g.add_argument("--lr", "--learning_rate", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. training.lr=3e-5 method.sparsity=0.9")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="parent dir of new run dirs (default runs/)")
-    g.add_argument("--run-dir", help="exact dir of this run")
+    g.add_argument("--run-dir", "--output_dir", help="exact dir of this run")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run (killed or not) from its last checkpoint")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
@@ -90,6 +93,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="end each stage's training after this many seconds; its results and report say so")
     g.add_argument("--smoke", action="store_true", help="reduced steps and data (same code path)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             argv = ["resume-any"] + argv
         else:
             argv = ["default"] + argv
+    logs.configure(-1 if {"-q", "--quiet"} & set(argv) else 1 if {"-v", "--verbose"} & set(argv) else 0)
     try:
         return _main(argv)
     except KeyboardInterrupt:

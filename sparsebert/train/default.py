@@ -9,6 +9,7 @@ It is the `pipeline` stage with the settings below; `--smoke` runs the same path
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -18,6 +19,8 @@ from . import config as C
 from . import runtime
 from .models import load_model, model_path, quiet_transformers
 from .pipeline import resolve_pipeline, run_command
+
+log = logging.getLogger(__name__)
 
 METHOD = "prune-ofa"          # the one default to change to switch the default run's method
 BUDGET_S = 15 * 60            # what the fixed plan is sized for: 2 CPU cores, a loaded machine
@@ -88,7 +91,7 @@ def main(user_extra: dict, smoke: bool = False, print_config: bool = False, resu
         if C.get_path(user, "run.threads") is None:
             threads, why = choose_threads()
             C.set_path(user, "run.threads", threads)
-            print(f"threads: {why}")
+            log.info(f"threads: {why}")
             torch.set_num_threads(threads)
         cfg = resolve_pipeline(user)
         up = cfg["stages"]["upstream"]

@@ -23,9 +23,18 @@ def model_path(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else str(name)
 
 
+def looks_like_a_path(name: str) -> bool:
+    """A Hub repo id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c) is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def check_model(name: str, what: str = "model") -> None:
     from transformers import AutoConfig
     path = model_path(name)
+    if not Path(path).exists() and looks_like_a_path(str(name)):
+        raise StageError(f"{what} {name!r}: no such dir")
+    if Path(path).is_file():
+        raise StageError(f"{what} {name!r} is a file; pass the dir of a transformers checkpoint (with config.json)")
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise StageError(f"{what} {name!r}: {path} has no config.json (not a transformers checkpoint dir)")
     try:

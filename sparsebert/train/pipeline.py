@@ -3,16 +3,18 @@ behind every CLI stage (plan, preflight, run dir, run)."""
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from . import config as C
 from .errors import ConfigError
 from .report import write_pipeline_report
 from .runs import Run
 from .stages import preflight, run_stage
+
+log = logging.getLogger(__name__)
+
 
 def student_role(cfg: dict) -> str:
     return cfg.get("roles", {}).get("student") or "upstream"
@@ -71,7 +73,7 @@ def run_pipeline(pcfg: dict, run: Run) -> dict:
         else:
             sub, resumed = Run.create(cfg, sub_dir), False
         if sub.done:
-            tqdm.write(f"[pipeline] {name}: done earlier, reusing {sub_dir}")
+            log.info(f"[pipeline] {name}: done earlier, reusing {sub_dir}")
         results = run_stage(cfg, sub, resumed=resumed)
         stages.append({"name": name, "stage": cfg["stage"], "task": cfg["data"]["task"] if cfg["stage"] != "upstream"
                        else "corpus", "method": cfg["method"]["name"], "results": results})
@@ -84,12 +86,13 @@ def run_pipeline(pcfg: dict, run: Run) -> dict:
 
 def print_plan(cfg: dict) -> None:
     stages = cfg["stages"] if cfg["stage"] == "pipeline" else {cfg["stage"]: cfg}
-    print("plan:")
+    lines = ["plan:"]
     for name, s in stages.items():
         t = s["training"]
         steps = f"{t['max_steps']} steps" if t["max_steps"] else f"{t['epochs']} epoch(s)"
         what = s["data"]["task"] if s["stage"] != "upstream" else f"corpus {s['data']['corpus']}"
-        print(f"  {name:<22} {s['method']['name']:<14} {what:<28} {steps}, batch {t['batch_size']}, lr {t['lr']}")
+        lines.append(f"  {name:<22} {s['method']['name']:<14} {what:<28} {steps}, batch {t['batch_size']}, lr {t['lr']}")
+    log.info("\n".join(lines))
 
 
 def _resolve(stage: str, user: dict) -> dict:
@@ -129,7 +132,7 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
                 if ckpt is not None:
                     Run.verify(ckpt)
     if plan_note:
-        print(plan_note)
+        log.info(plan_note)
     print_plan(cfg)
     started = time.time()
     if resume:
@@ -140,10 +143,10 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
         if stage == "pipeline":
             cfg["stages"] = dict(link_plan(list(cfg["stages"].items()), path))
         run = Run.create(cfg, path)
-    print(f"run dir: {run.dir}")
+    log.info(f"run dir: {run.dir}")
     if stage == "pipeline":
         run_pipeline(cfg, run)
     else:
         run_stage(cfg, run, resumed=bool(resume))
-    print(f"finished in {time.time() - started:.0f} s; report: {run.dir / 'report.md'}")
+    log.info(f"finished in {time.time() - started:.0f} s; report: {run.dir / 'report.md'}")
     return 0

@@ -6,10 +6,10 @@ its callbacks, the export of the final model for plain transformers, done.json a
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import glue
 from ..data import text as T
@@ -22,6 +22,8 @@ from .models import check_model, export_model, frozen, load_model, load_tokenize
 from .report import write_stage_report
 from .runs import Run, atomic_write_text
 from .trainer import Trainer, schedule
+
+log = logging.getLogger(__name__)
 
 
 def build_method(cfg: dict):
@@ -59,8 +61,8 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
             if cfg["data"]["eval_corpus"] is not None:
                 T.check_corpus(cfg["data"]["eval_corpus"])
         else:
-            glue.check_available(glue.get_task(cfg["data"]["task"]), cfg["data"]["data_dir"])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+            glue.check_data(glue.get_task(cfg["data"]["task"]), cfg["data"]["data_dir"])
+    except (ValueError, OSError, RuntimeError) as e:
         raise StageError(str(e)) from None
     if stage not in ("teacher", "evaluate"):
         method = build_method(cfg)
@@ -141,7 +143,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
         run.log({"kind": "eval", "step": 0, **res})
         run.finish(results)
         write_stage_report(run, cfg, results)
-        tqdm.write(f"[evaluate] {json.dumps({k: round(v, 4) for k, v in res.items()})}")
+        log.info("[evaluate] %s", json.dumps({k: round(v, 4) for k, v in res.items()}))
         return results
 
     reference = _reference(run, inputs, teacher)
@@ -161,8 +163,8 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
                       total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device,
                       precision=cfg["run"]["precision"], evaluate=evaluate, label=label, started=started,
                       callbacks=callbacks.for_run(run, t, steps_per_epoch, resumed, cfg["run"]["time_limit"]))
-    tqdm.write(f"[{label}] {cfg['method']['name']} | objective {inputs.objective} | {len(inputs.train)} examples | "
-               f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}")
+    log.info(f"[{label}] {cfg['method']['name']} | objective {inputs.objective} | {len(inputs.train)} examples | "
+             f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}")
     final = trainer.fit()
     model_dir = export_model(student, tokenizer, run.dir / "model")
     from transformers import AutoModel
@@ -175,5 +177,5 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     run.finish(results)
     run.prune_checkpoints(t["keep_checkpoints"])
     write_stage_report(run, cfg, results)
-    tqdm.write(f"[{label}] done in {results['time_s']:.0f} s; report: {run.dir / 'report.md'}")
+    log.info(f"[{label}] done in {results['time_s']:.0f} s; report: {run.dir / 'report.md'}")
     return results
