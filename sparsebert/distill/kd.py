@@ -65,7 +65,9 @@ def attention_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor
 
 @dataclasses.dataclass
 class DistillConfig:
-    """Loss = task * L_task + logits * L_logits(T) + hidden * L_hidden + attention * L_attention."""
+    """Loss = task * L_task + logits * L_logits(T) + hidden * L_hidden + attention * L_attention.
+    For regression (one output) the logits term is the MSE to the teacher's prediction, as SparseBERT
+    distils STS-B: KL and soft cross-entropy of a single logit are identically 0."""
     task: float = 1.0
     logits: float = 0.0
     temperature: float = 1.0
@@ -95,7 +97,12 @@ def distill_loss(config: DistillConfig, student_out, teacher_out, batch: dict, o
         if objective == "mlm":  # only the masked positions carry a prediction
             keep = batch["labels"] != -100
             s, t = s[keep], t[keep]
-        loss = kd_loss(s, t, config.temperature) if config.logit_loss == "kl" else soft_cross_entropy(s, t, config.temperature)
+        if objective == "regression":
+            loss = F.mse_loss(s.float(), t.detach().float())
+        elif config.logit_loss == "kl":
+            loss = kd_loss(s, t, config.temperature)
+        else:
+            loss = soft_cross_entropy(s, t, config.temperature)
         total, logs["kd"] = total + config.logits * loss, loss.item()
     if config.hidden or config.attention:
         n_s = len(student_out.hidden_states if config.hidden else student_out.attentions) - (1 if config.hidden else 0)
