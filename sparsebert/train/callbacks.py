@@ -146,9 +146,9 @@ class ProgressBar(Callback):
         self.bar.close()
 
 
-def for_run(run: Run, training: dict, steps_per_epoch: int, resume: bool, time_limit: float | None) -> list[Callback]:
+def for_run(run: Run, training: dict, eval_every: int, resume: bool, time_limit: float | None) -> list[Callback]:
     """The callbacks of a stage run, in order."""
     limit = [TimeLimit(time_limit)] if time_limit else []
-    return [MetricsLog(run, training["log_every"]), *limit, Evaluate(training["eval_every"] or steps_per_epoch),
+    return [MetricsLog(run, training["log_every"]), *limit, Evaluate(eval_every),
             Checkpoint(run, training["checkpoint_every"], training["keep_checkpoints"], resume),
             KillHook(run.dir.name), ProgressBar()]

@@ -49,7 +49,7 @@ The resolved config is saved as <run>/config.yaml; --print-config shows it witho
 SHORTCUTS = {
     "model": "model.name", "teacher": "model.teacher", "pretrained": "model.pretrained",
     "task": "data.task", "tasks": "data.tasks", "data_dir": "data.data_dir", "corpus": "data.corpus",
-    "eval_corpus": "data.eval_corpus", "max_len": "data.max_len", "cache_dir": "data.cache_dir",
+    "eval_corpus": "data.eval_corpus", "max_len": "data.max_len", "cache_dir": "data.cache_dir", "augment": "data.augment",
     "method": "method.name", "epochs": "training.epochs", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "lr": "training.lr", "seed": "training.seed",
     "out": "run.out_dir", "run_dir": "run.dir", "device": "run.device", "precision": "run.precision",
@@ -70,6 +70,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-corpus", nargs="+", help="upstream held-out text (default: tail of --corpus)")
     g.add_argument("--max-len", "--max_seq_length", type=int, help="max tokens per example")
     g.add_argument("--cache-dir", help="tokenization cache dir")
+    g.add_argument("--augment", type=int, metavar="N",
+                   help="N TinyBERT-style variants of every training example (word replacement; 0 = off)")
     g = p.add_argument_group("method and training")
     g.add_argument("--method", help="prune-ofa | sparsebert-kap | cap | <baselines> | dense")
     g.add_argument("--recipe", help="recipe file of the method other than the stage's, e.g. downstream-qat")

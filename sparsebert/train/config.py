@@ -42,21 +42,23 @@ DEFAULTS: dict[str, Any] = {
         "subset_seed": None,       # with max_train_examples: a random subset fixed by this seed; None = the first ones
         "max_eval_examples": None,
         "mlm_probability": 0.15,
+        "augment": 0,              # variants of every training example (TinyBERT-style word replacement); 0 = off
         "objective": "auto",       # upstream: auto = mlm if the model has an MLM head, else representation
         "cache_dir": "~/.cache/sparsebert",  # tokenization cache
     },
     "training": {
         "seed": 42,
-        "epochs": 3.0,             # used when max_steps is None
+        "epochs": 3.0,             # passes over the training set (before augmentation), when max_steps is None
         "max_steps": None,
+        "min_steps": None,         # at least this many steps: small tasks get more epochs (the papers' 12-30)
         "batch_size": 32,
-        "group_by_length": False,  # batch examples of similar length (SST-2: 2.9x fewer padded tokens)
+        "group_by_length": True,   # batch examples of similar length (SST-2: 2.9x fewer padded tokens)
         "eval_batch_size": 128,
         "lr": 5e-5,
         "weight_decay": 0.01,
         "grad_clip": 1.0,
         "log_every": 10,           # steps between train-loss lines in metrics.jsonl
-        "eval_every": None,        # steps between evaluations; None = once per epoch (and at the end)
+        "eval_every": None,        # steps between evaluations; None = once per epoch, at most 10 times (and at the end)
         "checkpoint_every": 200,   # steps between checkpoints (and one at the end)
         "keep_checkpoints": 1,     # checkpoints kept once the stage is done (0: none; 1 is kept while it runs)
     },
@@ -151,7 +153,7 @@ def check_known_keys(user: dict) -> None:
 
 
 # recipe `training:` keys that configure another section here, and keys the trainer derives itself
-RECIPE_TRAINING_MAP = {"max_seq_len": "data.max_len"}
+RECIPE_TRAINING_MAP = {"max_seq_len": "data.max_len", "augment": "data.augment"}
 RECIPE_TRAINING_DERIVED = ("objective",)  # from the task (downstream) or the model's head (upstream)
 
 
@@ -267,8 +269,12 @@ def validate_values(cfg: dict) -> None:
             raise ConfigError(f"training.{key} must be a positive integer, got {t[key]!r}")
     if isinstance(t["keep_checkpoints"], bool) or not isinstance(t["keep_checkpoints"], int) or t["keep_checkpoints"] < 0:
         raise ConfigError(f"training.keep_checkpoints must be a non-negative integer, got {t['keep_checkpoints']!r}")
-    if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] <= 0):
-        raise ConfigError(f"training.max_steps must be a positive integer or null, got {t['max_steps']!r}")
+    for key in ("max_steps", "min_steps"):
+        if t[key] is not None and (isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] <= 0):
+            raise ConfigError(f"training.{key} must be a positive integer or null, got {t[key]!r}")
+    augment = cfg["data"]["augment"]
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+        raise ConfigError(f"data.augment (--augment) must be a non-negative integer, got {augment!r}")
     if t["max_steps"] is None and not (isinstance(t["epochs"], (int, float)) and t["epochs"] > 0):
         raise ConfigError(f"training.epochs must be positive, got {t['epochs']!r}")
     for key in ("lr", "weight_decay"):

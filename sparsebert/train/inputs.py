@@ -8,9 +8,10 @@ import torch
 from ..data import collate as D
 from ..data import glue
 from ..data import text as T
+from ..data.augment import Augmentation, augment
 from . import evaluation as E
 from .errors import StageError
-from .models import has_mlm_head
+from .models import has_mlm_head, load_model
 
 # A prime above any step count: (seed, step) pairs never share the generator seed of MLM corruption.
 MLM_SEED_STRIDE = 1_000_003
@@ -49,6 +50,9 @@ class TaskInputs:
         self.objective, self.num_labels = self.task.objective, self.task.num_labels
         self.tokenizer, self.device, self.precision, self.eval_bs = tokenizer, device, cfg["run"]["precision"], t["eval_batch_size"]
         train = subset(glue.load_split(self.task, d["data_dir"], "train"), d["max_train_examples"], d["subset_seed"])
+        self.budget_size = len(train)  # epochs count passes over the examples before augmentation
+        if d["augment"]:
+            train = augmented(train, cfg, tokenizer)
         self.train = D.tokenize_examples(train, tokenizer, d["max_len"], f"{self.task.name}-train", d["cache_dir"])
         self.dev = {}
         for split in self.task.dev_splits:
@@ -66,6 +70,16 @@ class TaskInputs:
 
     def reference(self, model) -> dict:
         return self.evaluate(model)
+
+
+def augmented(examples: list[dict], cfg: dict, tokenizer) -> list[dict]:
+    """The examples and their variants, the candidates from the student's model (its MLM head or its
+    input embeddings), seeded by the run's seed."""
+    name = cfg["model"]["name"]
+    model = load_model(name, "mlm" if has_mlm_head(name) else "representation")
+    fingerprint = f"{D.tokenizer_fingerprint(tokenizer)}|{D.tensor_fingerprint(model.get_input_embeddings().weight)}"
+    config = Augmentation(cfg["data"]["augment"], seed=cfg["training"]["seed"])
+    return augment(examples, model, tokenizer, config, cfg["data"]["cache_dir"], fingerprint)
 
 
 class CorpusInputs:
@@ -92,6 +106,7 @@ class CorpusInputs:
         self.held_out = held_out[:d["max_eval_examples"]] if d["max_eval_examples"] else held_out
         # global indices of the training set, as the method contract says
         self.train = [{**f, "index": i} for i, f in enumerate(blocks)]
+        self.budget_size = len(self.train)
 
     def batch(self, features: list[dict], step: int) -> dict:
         batch = D.collate(features, self.tokenizer.pad_token_id, self.objective)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import torch
@@ -64,6 +65,8 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
             glue.check_data(glue.get_task(cfg["data"]["task"]), cfg["data"]["data_dir"])
     except (ValueError, OSError, RuntimeError) as e:
         raise StageError(str(e)) from None
+    if on_corpus(cfg) and cfg["data"]["augment"]:
+        raise StageError("--augment makes variants of task examples; a corpus stage takes none")
     if stage not in ("teacher", "evaluate"):
         method = build_method(cfg)
         missing = sorted(method.needs() - given_models(cfg, linked=not model_exists))
@@ -119,6 +122,12 @@ def _reference(run: Run, inputs, teacher) -> dict | None:
     return reference
 
 
+def eval_every(training: dict, total_steps: int, budget_size: int) -> int:
+    """training.eval_every, else once per epoch (of the examples before augmentation), at most 10 times."""
+    epoch = math.ceil(budget_size / training["batch_size"])
+    return training["eval_every"] or max(epoch, math.ceil(total_steps / 10))
+
+
 def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     """Train (or evaluate) one stage into `run`; returns its results (also in done.json)."""
     if run.done:
@@ -147,7 +156,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
         return results
 
     reference = _reference(run, inputs, teacher)
-    steps_per_epoch, total_steps = schedule(len(inputs.train), t)
+    steps_per_epoch, total_steps = schedule(len(inputs.train), t, inputs.budget_size)
     method = build_method(cfg)
     ctx = MethodContext(student=student, teacher=teacher if "teacher" in given_models(cfg) else None,
                         pretrained=pretrained, objective=inputs.objective, num_labels=inputs.num_labels,
@@ -162,7 +171,8 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     trainer = Trainer(method=method, model=student, train_features=inputs.train, make_batch=inputs.batch, training=t,
                       total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device,
                       precision=cfg["run"]["precision"], evaluate=evaluate, label=label, started=started,
-                      callbacks=callbacks.for_run(run, t, steps_per_epoch, resumed, cfg["run"]["time_limit"]))
+                      callbacks=callbacks.for_run(run, t, eval_every(t, total_steps, inputs.budget_size), resumed,
+                                                  cfg["run"]["time_limit"]))
     log.info(f"[{label}] {cfg['method']['name']} | objective {inputs.objective} | {len(inputs.train)} examples | "
              f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}")
     final = trainer.fit()

@@ -20,10 +20,14 @@ from ..data.order import epoch_order
 from .runtime import autocast, move, seed_everything
 
 
-def schedule(train_size: int, training: dict) -> tuple[int, int]:
-    """(steps_per_epoch, total_steps) of a training set under a config."""
-    steps_per_epoch = max(1, math.ceil(train_size / training["batch_size"]))
-    total = training["max_steps"] or max(1, math.ceil(training["epochs"] * steps_per_epoch))
+def schedule(train_size: int, training: dict, budget_size: int | None = None) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps): an epoch visits the training set once; the budget is
+    `max_steps`, else `epochs` passes over `budget_size` examples (the set before augmentation;
+    default the training set), raised to `min_steps` for small tasks."""
+    bs = training["batch_size"]
+    steps_per_epoch = max(1, math.ceil(train_size / bs))
+    budget = math.ceil(training["epochs"] * math.ceil((budget_size or train_size) / bs))
+    total = training["max_steps"] or max(1, budget, training.get("min_steps") or 0)
     return steps_per_epoch, int(total)
 
 
