@@ -1,20 +1,20 @@
-"""Every method on SST-2 with the real MiniLM on CPU, through the trainer users run: dev accuracy and
-wall time. Each run is a `python -m sparsebert.train` stage (the same config resolution, recipes,
-Trainer and evaluation), in its own run dir under --runs-dir, so an interrupted benchmark continues
-where it stopped and a finished run is reused.
+"""Every method on SST-2 with the real MiniLM on CPU, through the trainer users run, with the shipped
+recipes and nothing overridden: dev accuracy and wall time. Each run is a `python -m sparsebert.train`
+stage (the command is recorded with its row) in its own run dir under --runs-dir, so an interrupted
+benchmark continues where it stopped and a finished run is reused.
 
-    python benchmarks/bench_methods.py                      # the default budget, every method
-    python benchmarks/bench_methods.py --max-train 67349    # all of SST-2 train
-    python benchmarks/bench_methods.py --methods cap        # one method; rows are added to the results file
-    python benchmarks/bench_methods.py --methods "cap[criterion=magnitude,schedule=cubic]"   # a recipe variant
-    python benchmarks/bench_methods.py --methods "sparsebert-kap[distill.hidden=0]"         # a nested option
-    python benchmarks/bench_methods.py --max-train 64 --max-dev 64 --epochs 1 --seeds90 1 --no80   # smoke
+    python benchmarks/bench_methods.py                       # SST-2 subset of 2,000 examples, every method
+    python benchmarks/bench_methods.py --max-train 4000      # a subset of 4,000
+    python benchmarks/bench_methods.py --max-train 67349     # all of SST-2 train
+    python benchmarks/bench_methods.py --methods cap --runs 0.9:1   # one method, sparsity and seed
+    python benchmarks/bench_methods.py --methods "cap[criterion=movement]"   # a recipe variant (exploration)
+    python benchmarks/bench_methods.py --upstream 0.9=runs/upstream-90/model,0.8=runs/upstream-80/model
 
-Dense fine-tuning first (the `teacher` stage; it is also the teacher of KAP, CAP and Prune OFA
-downstream), then every method at 90% (two seeds) and 80% (one seed) as a `downstream` stage. Prune
-OFA runs its `upstream` stage on WikiText-2 raw text (objective "representation": MiniLM has no MLM
-head) before its downstream stage. The training set is a random subset of SST-2 train fixed by
-seed 0 (`data.subset_seed`), batches group sentences of similar length.
+The dense teacher first (the `teacher` stage, seed 0; the teacher of KAP, CAP and Prune OFA), then every
+method at 90% and 80% sparsity with three seeds as `downstream` stages. Prune OFA fine-tunes a sparse
+pre-trained model with its pattern locked: --upstream names one per sparsity (the output of
+`python -m sparsebert.train upstream --method prune-ofa ...`). The training set is a random subset of
+SST-2 train fixed by seed 0 (`data.subset_seed`); the dev set is the full one.
 """
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = next((d for d in (pathlib.Path(os.environ.get("SPARSEBERT_DATA", ROOT.parent / "shared" / "data")),
                          ROOT.parents[1] / "shared" / "data") if d.is_dir()), ROOT.parent / "shared" / "data")
 METHODS = ["dense", "oneshot-magnitude", "gradual-magnitude", "small-dense", "sparsebert-kap", "cap", "prune-ofa"]
+
+
+def command(stage: str, user: dict) -> str:
+    """The `python -m sparsebert.train` command line of a run (--set for every override)."""
+    sets = []
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif v is not None:
+                sets.append(f"{prefix}{k}={json.dumps(v) if not isinstance(v, str) else v}")
+    walk(user)
+    return f"python -m sparsebert.train {stage} --set " + " ".join(sets)
 
 
 def run_stage_dir(stage: str, user: dict, run_dir: pathlib.Path) -> dict:
@@ -137,58 +151,55 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated, from: " + ",".join(METHODS) +
                     "; a method may override its recipe's options: cap[criterion=magnitude]")
-    ap.add_argument("--max-train", type=int, default=24000)
+    ap.add_argument("--max-train", type=int, default=2000, help="training examples: a subset fixed by seed 0")
     ap.add_argument("--max-dev", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=64)
-    ap.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                    help="batch sentences of similar length (about 3x fewer padded tokens on SST-2)")
-    ap.add_argument("--lr", type=float, default=4e-4, help="the pruning methods' learning rate (not the dense teacher's)")
-    ap.add_argument("--seeds90", type=int, default=2, help="seeds at 90%% sparsity")
-    ap.add_argument("--no80", action="store_true", help="skip the 80%% runs")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of every method at 90%% and 80%%")
     ap.add_argument("--runs", default=None, help="instead: sparsity:seed pairs, e.g. 0.9:1,0.8:0")
-    ap.add_argument("--upstream-examples", type=int, default=2000,
-                    help="blocks of max-len tokens of WikiText-2 for Prune OFA's upstream stage")
-    ap.add_argument("--upstream-epochs", type=float, default=1.0, help="passes over the upstream text")
+    ap.add_argument("--upstream", default="", help="Prune OFA's sparse pre-trained models: sparsity=dir pairs, "
+                    "e.g. 0.9=runs/upstream-90/model")
     ap.add_argument("--student", choices=("pretrained", "finetuned"), default="pretrained",
                     help="what the pruned student starts from: the pre-trained encoder with a new head (the papers' "
                     "KAP and CAP), or the fine-tuned dense teacher (pruning a task model)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--name", default=None, help="results file name; default bench_methods_<max-train>x<epochs> "
-                    "(+ _shuffled without length grouping), so that budgets never share a table")
+    ap.add_argument("--name", default=None, help="results file name; default bench_methods_<max-train>, so that "
+                    "task sizes never share a table")
     ap.add_argument("--runs-dir", type=pathlib.Path, default=None,
                     help="where the stage runs live (the teacher is shared by every method of a budget); "
                     "default runs/bench_methods/<budget>")
     ap.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to it")
     args = ap.parse_args(argv)
-    budget_name = f"{args.max_train}x{args.epochs}{'' if args.group_by_length else '_shuffled'}"
-    args.name = args.name or f"bench_methods_{budget_name}"
-    runs_dir = args.runs_dir or ROOT / "runs" / "bench_methods" / budget_name
+    args.name = args.name or f"bench_methods_{args.max_train}"
+    runs_dir = args.runs_dir or ROOT / "runs" / "bench_methods" / str(args.max_train)
     try:
         methods = [(spec, *parse_method(spec)) for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods)]
         for _, name, overrides in methods:  # an unknown option fails now, not after the teacher has trained
             check_spec(name, overrides)
+        upstream = {float(sp): pathlib.Path(d) for sp, d in (pair.split("=", 1) for pair in args.upstream.split(",") if pair)}
     except ValueError as error:
         ap.error(str(error))
+    runs = [(sp, s) for sp in (0.9, 0.8) for s in range(args.seeds)]
+    if args.runs:
+        runs = [(float(sp), int(seed)) for sp, seed in (pair.split(":") for pair in args.runs.split(","))]
+    missing = sorted({sp for sp, _ in runs if sp not in upstream or not (upstream[sp] / "config.json").is_file()})
+    if any(name == "prune-ofa" for _, name, _ in methods) and missing:
+        ap.error(f"prune-ofa needs a sparse pre-trained model for sparsity {missing}: --upstream {missing[0]}=DIR")
 
     common = {"model": {"name": "minilm"},
               "data": {"task": "sst2", "data_dir": str(DATA / "glue"), "max_train_examples": args.max_train,
-                       "subset_seed": 0, "max_eval_examples": args.max_dev, "max_len": args.max_len},
-              "training": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 64,
-                           "group_by_length": args.group_by_length},
-              "run": {"threads": args.threads}}
+                       "subset_seed": 0, "max_eval_examples": args.max_dev},
+              "training": {"keep_checkpoints": 0}, "run": {"threads": args.threads}}
     results = RESULTS / f"{args.name}_cpu.json"
     if args.fresh:
         results.unlink(missing_ok=True)
 
-    def record(spec, sparsity, seed, res, wall_s):
+    def record(spec, sparsity, seed, res, wall_s, cmd):
         # Read back just before writing: another invocation (one per core) may have added rows.
         rows = [r for r in (json.loads(results.read_text())["rows"] if results.exists() else [])
                 if (r["method"], r["target"], r["seed"]) != (spec, sparsity, seed)]
         row = {"method": spec, "target": sparsity, "seed": seed, "dev_acc": res["final"]["dev/accuracy"],
                "sparsity": res["sparsity"]["overall"], "layers": len(res["sparsity"]["layers"]), "wall_s": wall_s,
-               "threads": args.threads or os.cpu_count(), "student": args.student}
+               "threads": args.threads or os.cpu_count(), "student": args.student, "steps": res["steps"],
+               "command": cmd}
         rows = sorted(rows + [row], key=lambda r: (METHODS.index(parse_method(r["method"])[0]), r["method"],
                                                    -r["target"], r["seed"]))
         print(row, flush=True)
@@ -196,13 +207,11 @@ def main(argv=None):
         (RESULTS / f"{args.name}_cpu.md").write_text(summary(rows))
         plot(rows, RESULTS / f"{args.name}_cpu.png")
 
-    teacher = run_stage_dir("teacher", merge(common, {"training": {"seed": 0}}), runs_dir / "teacher")
+    teacher_user = merge(common, {"training": {"seed": 0}})
+    teacher = run_stage_dir("teacher", teacher_user, runs_dir / "teacher")
     if any(name == "dense" for _, name, _ in methods):
-        record("dense", 0.0, 0, teacher, teacher["time_s"])
+        record("dense", 0.0, 0, teacher, teacher["time_s"], command("teacher", teacher_user))
 
-    runs = [(0.9, s) for s in range(args.seeds90)] + ([] if args.no80 else [(0.8, 0)])
-    if args.runs:
-        runs = [(float(sp), int(seed)) for sp, seed in (pair.split(":") for pair in args.runs.split(","))]
     for spec, name, overrides in methods:
         if name == "dense":
             continue
@@ -210,19 +219,13 @@ def main(argv=None):
             run_dir = runs_dir / f"{slug(spec)}-{sparsity}-{seed}"
             user = merge(common, {"model": {"teacher": teacher["model_dir"]},
                                   "method": {"name": name, **overrides, "sparsity": sparsity},
-                                  "training": {"seed": seed}, "downstream": {"training": {"lr": args.lr}}})
+                                  "training": {"seed": seed}})
             if args.student == "finetuned":
                 user = merge(user, {"model": {"name": teacher["model_dir"]}, "roles": {"student": "pretrained"}})
-            wall_s = 0.0
             if name == "prune-ofa":
-                up = run_stage_dir("upstream", merge(user, {
-                    "data": {"corpus": str(DATA / "wikitext-2" / "valid.txt"), "max_train_examples": args.upstream_examples,
-                             "subset_seed": None},
-                    "upstream": {"training": {"epochs": args.upstream_epochs}}}), run_dir / "upstream")
-                user = merge(user, {"model": {"name": up["model_dir"]}})
-                wall_s += up["time_s"]
-            res = run_stage_dir("downstream", user, run_dir / "downstream")
-            record(spec, sparsity, seed, res, wall_s + res["time_s"])
+                user = merge(user, {"model": {"name": str(upstream[sparsity])}})
+            res = run_stage_dir("downstream", user, run_dir)
+            record(spec, sparsity, seed, res, res["time_s"], command("downstream", user))
 
 
 if __name__ == "__main__":
