@@ -199,7 +199,27 @@ class Library:
         return getattr(torch.ops, self.namespace)
 
 
-@functools.cache
+def _remember_failure(build_fn):
+    """functools.cache that also caches a failed build: one compile error per session, not one
+    rebuild per emulated test."""
+    results: dict = {}
+
+    @functools.wraps(build_fn)
+    def wrapper(*args):
+        if args not in results:
+            try:
+                results[args] = (build_fn(*args), None)
+            except Exception as e:  # noqa: BLE001  (re-raised, to every caller)
+                results[args] = (None, e)
+        value, error = results[args]
+        if error is not None:
+            raise error
+        return value
+
+    return wrapper
+
+
+@_remember_failure
 def main_library() -> Library:
     """Every CUDA source (and the harness's test kernels), registered as CPU ops of sparsebert_emu."""
     units = [_runtime_unit(), _schema_unit([EMU_NAMESPACE, *(m.namespace for m in MUTANTS)])]
@@ -208,7 +228,7 @@ def main_library() -> Library:
     return Library(_link(EMU_NAMESPACE, units), EMU_NAMESPACE)
 
 
-@functools.cache
+@_remember_failure
 def mutant_library(name: str) -> Library:
     """The library of one deliberately broken kernel (mutants.py), in its own namespace."""
     main_library()  # defines the mutant's schemas

@@ -1,5 +1,5 @@
 // The CUDA execution model on one CPU thread: blocks run one after another; the threads of a
-// block are ucontext fibers that switch only at barriers and warp collectives. At every switch
+// block are fibers (user-level contexts) that switch only at barriers and warp collectives. At every switch
 // the schedule (forward, reverse or seeded random) picks which runnable thread goes next, so a
 // kernel whose result depends on the order of its threads between two synchronization points
 // gives different results under different schedules. What a GPU would leave undefined or hang
@@ -10,10 +10,15 @@
 #include <c10/util/Exception.h>
 
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
 
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
 #include <algorithm>
+#include <bit>
+#include <cstdlib>
 #include <cstdio>
 #include <exception>
 #include <map>
@@ -38,6 +43,82 @@ namespace {
 constexpr size_t kStackBytes = size_t{256} << 10;
 constexpr size_t kMaxSharedBytes = size_t{48} << 10;  // per block, without an opt-in attribute
 constexpr unsigned kMaxThreads = 1024;
+
+// --- contexts --------------------------------------------------------------------------------
+// A switch saves the callee-saved registers on the old stack and restores the new stack's. On
+// x86-64 that is a few instructions (ucontext's swapcontext makes a sigprocmask system call per
+// switch, ten times slower); other architectures use ucontext.
+#if defined(__x86_64__)
+
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl emu_switch_stack
+  .type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_stack, .-emu_switch_stack
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// The first switch to c "returns" into entry, on a 16-byte aligned stack, as after a call.
+void start_context(Context& c, void* stack, size_t bytes, void (*entry)()) {
+  auto* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+  *--sp = 0;  // entry's own return address: it never returns
+  *--sp = reinterpret_cast<uint64_t>(entry);
+  for (int r = 0; r < 6; ++r) *--sp = 0;  // rbp, rbx, r12-r15
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--sp = mxcsr | uint64_t{fpucw} << 32;
+  c.sp = sp;
+}
+
+void switch_context(Context& from, const Context& to) { emu_switch_stack(&from.sp, to.sp); }
+
+#else
+
+struct Context {
+  ucontext_t uc;
+};
+
+void start_context(Context& c, void* stack, size_t bytes, void (*entry)()) {
+  TORCH_CHECK(getcontext(&c.uc) == 0, "CUDA emulation: getcontext failed");
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+
+void switch_context(Context& from, const Context& to) { swapcontext(&from.uc, &to.uc); }
+
+#endif
+
+// --- scheduling ------------------------------------------------------------------------------
 
 enum class Policy { kForward, kReverse, kRandom };
 
@@ -107,7 +188,7 @@ struct Fiber {
   State state = State::kRunnable;
   bool started = false;
   void* stack = nullptr;
-  ucontext_t ctx;
+  Context ctx;
 #if EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -129,11 +210,14 @@ struct Grid {
   size_t dynamic_bytes = 0;
   const std::function<void()>* body = nullptr;
   std::vector<Fiber> fibers;
-  std::vector<int> runnable;  // ids of the runnable fibers, unordered
-  std::vector<int> slot;      // position of each fiber in `runnable`, -1 when not there
+  // The runnable fibers, twice: unordered with each one's position (random picks) and as a
+  // bitset (lowest / highest picks).
+  std::vector<int> runnable;
+  std::vector<int> slot;  // position in `runnable`, -1 when not there
+  std::vector<uint64_t> runnable_bits;
   int exited = 0;
   Fiber* current = nullptr;
-  ucontext_t scheduler;
+  Context scheduler;
   std::unique_ptr<unsigned char[]> dynamic;  // exactly dynamic_bytes: overruns show under ASan
   std::vector<std::pair<const void*, size_t>> shared_vars;
   size_t static_shared = 0;
@@ -195,6 +279,7 @@ void make_runnable(Grid& g, Fiber& f) {
   if (g.slot[f.linear] < 0) {
     g.slot[f.linear] = static_cast<int>(g.runnable.size());
     g.runnable.push_back(f.linear);
+    g.runnable_bits[f.linear / 64] |= uint64_t{1} << (f.linear % 64);
   }
 }
 
@@ -207,14 +292,24 @@ void make_waiting(Grid& g, Fiber& f, State s) {
     g.slot[last] = at;
     g.runnable.pop_back();
     g.slot[f.linear] = -1;
+    g.runnable_bits[f.linear / 64] &= ~(uint64_t{1} << (f.linear % 64));
   }
 }
 
 int pick(Grid& g) {
   if (g.runnable.empty()) return -1;
+  const int words = static_cast<int>(g.runnable_bits.size());
   switch (g.policy) {
-    case Policy::kForward: return *std::min_element(g.runnable.begin(), g.runnable.end());
-    case Policy::kReverse: return *std::max_element(g.runnable.begin(), g.runnable.end());
+    case Policy::kForward:
+      for (int w = 0; w < words; ++w) {
+        if (g.runnable_bits[w]) return 64 * w + std::countr_zero(g.runnable_bits[w]);
+      }
+      break;
+    case Policy::kReverse:
+      for (int w = words - 1; w >= 0; --w) {
+        if (g.runnable_bits[w]) return 64 * w + 63 - std::countl_zero(g.runnable_bits[w]);
+      }
+      break;
     case Policy::kRandom: return g.runnable[g.rng.below(g.runnable.size())];
   }
   return -1;
@@ -222,17 +317,13 @@ int pick(Grid& g) {
 
 // --- switching -----------------------------------------------------------------------------
 
-void fiber_main();
+[[noreturn]] void fiber_main();
 
 // Scheduler -> fiber f, until f waits or exits.
 void resume(Grid& g, Fiber& f) {
   if (!f.started) {
     f.stack = g_stacks.get();
-    TORCH_CHECK(getcontext(&f.ctx) == 0, "CUDA emulation: getcontext failed");
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
+    start_context(f.ctx, f.stack, kStackBytes, fiber_main);
     f.started = true;
   }
   g.current = &f;
@@ -240,7 +331,7 @@ void resume(Grid& g, Fiber& f) {
 #if EMU_ASAN
   __sanitizer_start_switch_fiber(&g.scheduler_fake_stack, f.stack, kStackBytes);
 #endif
-  swapcontext(&g.scheduler, &f.ctx);
+  switch_context(g.scheduler, f.ctx);
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(g.scheduler_fake_stack, nullptr, nullptr);
 #endif
@@ -256,7 +347,7 @@ void yield(Grid& g, Fiber& f) {
 #if EMU_ASAN
   __sanitizer_start_switch_fiber(&f.fake_stack, g.scheduler_bottom, g.scheduler_size);
 #endif
-  swapcontext(&f.ctx, &g.scheduler);
+  switch_context(f.ctx, g.scheduler);
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
 #endif
@@ -283,7 +374,7 @@ void check_exit(Grid& g, const Fiber& f) {
   }
 }
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   Grid& g = *g_grid;
   Fiber& f = *g.current;
 #if EMU_ASAN
@@ -302,7 +393,8 @@ void fiber_main() {
 #if EMU_ASAN
   __sanitizer_start_switch_fiber(nullptr, g.scheduler_bottom, g.scheduler_size);
 #endif
-  setcontext(&g.scheduler);
+  switch_context(f.ctx, g.scheduler);  // never resumed
+  std::abort();
 }
 
 // --- when nothing can run ------------------------------------------------------------------
@@ -375,6 +467,7 @@ void run_block(Grid& g) {
   g.fibers.assign(n, Fiber{});
   g.runnable.clear();
   g.slot.assign(n, -1);
+  g.runnable_bits.assign((n + 63) / 64, 0);
   g.exited = 0;
   for (int i = 0; i < n; ++i) {
     Fiber& f = g.fibers[i];
@@ -448,17 +541,17 @@ void warp_collective(const char* op, unsigned mask, const void* in, void* out, C
   Grid& g = grid();
   Fiber& f = self();
   const int lane = f.linear % 32, base = f.linear - lane, n = static_cast<int>(g.fibers.size());
-  const std::string at = std::string(op) + " (mask " + hex(mask) + ")";
-  if (!(mask >> lane & 1u)) fault(at + ": the calling lane " + std::to_string(lane) + " is not in the mask", loc);
+  auto at = [&] { return std::string(op) + " (mask " + hex(mask) + ")"; };  // for faults only
+  if (!(mask >> lane & 1u)) fault(at() + ": the calling lane " + std::to_string(lane) + " is not in the mask", loc);
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     if (base + l >= n) {
-      fault(at + ": the mask names lane " + std::to_string(l) + ", which a block of " + std::to_string(n) +
+      fault(at() + ": the mask names lane " + std::to_string(l) + ", which a block of " + std::to_string(n) +
                 " threads does not have",
             loc);
     }
     if (g.fibers[base + l].state == State::kExited) {
-      fault(at + ": the mask names lane " + std::to_string(l) + ", which has exited", loc);
+      fault(at() + ": the mask names lane " + std::to_string(l) + ", which has exited", loc);
     }
   }
   f.op = op;
@@ -477,7 +570,7 @@ void warp_collective(const char* op, unsigned mask, const void* in, void* out, C
       if (!(mask >> l & 1u)) continue;
       const Fiber& w = g.fibers[base + l];
       if (w.mask != mask || std::strcmp(w.op, op) != 0) {
-        fault(at + ": lane " + std::to_string(l) + " is at " + w.op + " (mask " + hex(w.mask) + ", " + str(w.site) +
+        fault(at() + ": lane " + std::to_string(l) + " is at " + w.op + " (mask " + hex(w.mask) + ", " + str(w.site) +
                   ") instead",
               loc);
       }
