@@ -110,10 +110,27 @@ def emulate(schedule: str, test_id: str = "", library: build.Library | None = No
     routing.install()
     _active = routing
     try:
-        yield library
+        with uninitialized_memory_filled():
+            yield library
     finally:
         _active = None
         routing.uninstall()
+
+
+@contextlib.contextmanager
+def uninitialized_memory_filled():
+    """torch.empty() and friends return NaN / the largest integer instead of whatever the allocator
+    had (on a GPU: whatever the last kernel left), so that a kernel that reads an output it never
+    wrote cannot pass by luck."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 @contextlib.contextmanager
