@@ -54,8 +54,9 @@ def pytest_make_parametrize_id(config, val, argname):
 
 
 def pytest_collection_modifyitems(config, items):
+    harness_tests = pathlib.Path(harness.__file__).parent
     for item in items:
-        if _emulated_param(item) is not None:
+        if _emulated_param(item) is not None or item.path.is_relative_to(harness_tests):
             item.add_marker(pytest.mark.cuda_emulation)
 
 

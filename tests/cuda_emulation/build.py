@@ -128,29 +128,36 @@ def _compile(unit: Unit, objects: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def _link(name: str, units: list[Unit]) -> pathlib.Path:
+def _build(libraries: dict[str, list[Unit]]) -> dict[str, pathlib.Path]:
+    """Compiles the units of all `libraries` (name -> units) in one pool of compilers, then links
+    each library."""
     root = build_dir() / ("asan" if asan_enabled() else "release")
     objects = root / "objects"
     objects.mkdir(parents=True, exist_ok=True)
     with open(root / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test session may be building the same objects
+        units = {u.key(): u for us in libraries.values() for u in us}
         workers = max(1, min(len(units), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            objs = list(pool.map(lambda u: _compile(u, objects), units))
-        key = hashlib.sha256("".join(o.name for o in objs).encode()).hexdigest()[:24]
-        lib = root / f"lib{name}-{key}.so"
-        if not lib.exists():
-            libdirs = library_paths()
-            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [_compiler()[0], "-shared", "-o", str(tmp), *map(str, objs),
-                   *(f"-L{d}" for d in libdirs), *(f"-Wl,-rpath,{d}" for d in libdirs),
-                   "-lc10", "-ltorch_cpu", "-ltorch"]
-            if asan_enabled():
-                cmd.append("-fsanitize=address")
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"CUDA emulation: linking {name} failed:\n{proc.stderr[-20000:]}")
-            os.replace(tmp, lib)
+            compiled = dict(zip(units, pool.map(lambda u: _compile(u, objects), units.values())))
+        return {name: _link(root, name, [compiled[u.key()] for u in us]) for name, us in libraries.items()}
+
+
+def _link(root: pathlib.Path, name: str, objs: list[pathlib.Path]) -> pathlib.Path:
+    key = hashlib.sha256("".join(o.name for o in objs).encode()).hexdigest()[:24]
+    lib = root / f"lib{name}-{key}.so"
+    if lib.exists():
+        return lib
+    libdirs = library_paths()
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [_compiler()[0], "-shared", "-o", str(tmp), *map(str, objs),
+           *(f"-L{d}" for d in libdirs), *(f"-Wl,-rpath,{d}" for d in libdirs), "-lc10", "-ltorch_cpu", "-ltorch"]
+    if asan_enabled():
+        cmd.append("-fsanitize=address")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"CUDA emulation: linking {name} failed:\n{proc.stderr[-20000:]}")
+    os.replace(tmp, lib)
     return lib
 
 
@@ -225,13 +232,17 @@ def main_library() -> Library:
     units = [_runtime_unit(), _schema_unit([EMU_NAMESPACE, *(m.namespace for m in MUTANTS)])]
     units += [_source_unit(p, {NAMESPACE: EMU_NAMESPACE}) for p in cuda_sources()]
     units += [_source_unit(p, {SELFTEST_NAMESPACE: SELFTEST_NAMESPACE}) for p in selftest_sources()]
-    return Library(_link(EMU_NAMESPACE, units), EMU_NAMESPACE)
+    return Library(_build({EMU_NAMESPACE: units})[EMU_NAMESPACE], EMU_NAMESPACE)
 
 
 @_remember_failure
-def mutant_library(name: str) -> Library:
-    """The library of one deliberately broken kernel (mutants.py), in its own namespace."""
-    main_library()  # defines the mutant's schemas
-    mutant = next(m for m in MUTANTS if m.name == name)
-    unit = _source_unit(mutant.source, {NAMESPACE: mutant.namespace}, mutant.apply((ROOT / mutant.source).read_text()))
-    return Library(_link(mutant.namespace, [_runtime_unit(), unit]), mutant.namespace)
+def mutant_libraries() -> dict[str, Library]:
+    """The library of each deliberately broken kernel (mutants.py), each in its own namespace; by name."""
+    main_library()  # defines the mutants' schemas
+    units = {
+        m.namespace: [_runtime_unit(), _source_unit(m.source, {NAMESPACE: m.namespace},
+                                                    m.apply((ROOT / m.source).read_text()))]
+        for m in MUTANTS
+    }
+    paths = _build(units)
+    return {m.name: Library(paths[m.namespace], m.namespace) for m in MUTANTS}

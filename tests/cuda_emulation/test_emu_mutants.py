@@ -80,6 +80,6 @@ def test_mutant_is_caught_and_the_real_kernel_passes(mutant):
     check = CHECKS[mutant.name]
     real = {s: outcome(build.main_library(), s, check) for s in harness.SCHEDULES}
     assert all(o == "passed" for o in real.values()), real
-    broken = {s: outcome(build.mutant_library(mutant.name), s, check) for s in harness.SCHEDULES}
+    broken = {s: outcome(build.mutant_libraries()[mutant.name], s, check) for s in harness.SCHEDULES}
     print(f"{mutant.name}: {broken}")
     assert any(o != "passed" for o in broken.values()), f"{mutant.name} ({mutant.why}) went unnoticed"

@@ -250,10 +250,8 @@ struct KernelFault : std::exception {
   const char* what() const noexcept override { return what_.c_str(); }
 };
 
-std::string str(const uint3& v) {
-  return "(" + std::to_string(v.x) + ", " + std::to_string(v.y) + ", " + std::to_string(v.z) + ")";
-}
-std::string str(const dim3& v) {
+template <class V>  // uint3 or dim3
+std::string str(const V& v) {
   return "(" + std::to_string(v.x) + ", " + std::to_string(v.y) + ", " + std::to_string(v.z) + ")";
 }
 std::string str(const Loc& l) { return std::string(l.file_name()) + ":" + std::to_string(l.line()); }

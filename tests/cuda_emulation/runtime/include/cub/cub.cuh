@@ -28,21 +28,36 @@ inline void check_block(const char* what, int threads, emu::Loc loc) {
   }
 }
 
-}  // namespace detail
-
-template <typename T, int BLOCK_DIM_X, BlockScanAlgorithm ALGORITHM = BLOCK_SCAN_RAKING, int BLOCK_DIM_Y = 1,
-          int BLOCK_DIM_Z = 1>
-class BlockScan {
-  static constexpr int kThreads = BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z;
+// The shared memory of both block collectives: one aggregate per warp.
+template <typename T, int kThreads>
+class WarpAggregates {
+ protected:
   static constexpr int kWarps = kThreads / 32;
-  static_assert(kThreads % 32 == 0, "the emulated cub::BlockScan takes whole warps");
+  static_assert(kThreads % 32 == 0, "the emulated cub block collectives take whole warps");
 
  public:
   struct TempStorage {
     T warp_aggregates[kWarps];
   };
 
-  explicit BlockScan(TempStorage& storage) : storage_(storage) {}
+ protected:
+  explicit WarpAggregates(TempStorage& storage) : storage_(storage) {}
+  TempStorage& storage_;
+};
+
+}  // namespace detail
+
+template <typename T, int BLOCK_DIM_X, BlockScanAlgorithm ALGORITHM = BLOCK_SCAN_RAKING, int BLOCK_DIM_Y = 1,
+          int BLOCK_DIM_Z = 1>
+class BlockScan : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z> {
+  static constexpr int kThreads = BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z;
+  using Base = detail::WarpAggregates<T, kThreads>;
+  using Base::kWarps;
+  using Base::storage_;
+
+ public:
+  using typename Base::TempStorage;
+  explicit BlockScan(TempStorage& storage) : Base(storage) {}
 
   void ExclusiveSum(T input, T& output, emu::Loc loc = emu::Loc::current()) {
     T aggregate;
@@ -110,23 +125,19 @@ class BlockScan {
     exclusive = before_warp + before_lane;
     block_aggregate = total;
   }
-
-  TempStorage& storage_;
 };
 
 template <typename T, int BLOCK_DIM_X, BlockReduceAlgorithm ALGORITHM = BLOCK_REDUCE_WARP_REDUCTIONS,
           int BLOCK_DIM_Y = 1, int BLOCK_DIM_Z = 1>
-class BlockReduce {
+class BlockReduce : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z> {
   static constexpr int kThreads = BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z;
-  static constexpr int kWarps = kThreads / 32;
-  static_assert(kThreads % 32 == 0, "the emulated cub::BlockReduce takes whole warps");
+  using Base = detail::WarpAggregates<T, kThreads>;
+  using Base::kWarps;
+  using Base::storage_;
 
  public:
-  struct TempStorage {
-    T warp_aggregates[kWarps];
-  };
-
-  explicit BlockReduce(TempStorage& storage) : storage_(storage) {}
+  using typename Base::TempStorage;
+  explicit BlockReduce(TempStorage& storage) : Base(storage) {}
 
   // The block's sum in thread 0.
   T Sum(T input, emu::Loc loc = emu::Loc::current()) {
@@ -149,9 +160,6 @@ class BlockReduce {
     }
     return partial;
   }
-
- private:
-  TempStorage& storage_;
 };
 
 // Device-wide scans run as one host loop over the (host) memory. The temporary storage protocol is
