@@ -20,8 +20,8 @@ from . import build
 
 NAMESPACE = build.NAMESPACE
 SCHEDULES = ("forward", "reverse", "random")
-# SPARSEBERT_EMU_SEED varies every random schedule (the seed is also mixed with the test's id,
-# so each test draws its own order; a failure message names the seed that reproduces it).
+# The random schedule's seed mixes SPARSEBERT_EMU_SEED (default 0) with the test's id: each test
+# draws its own order, the same on every run; another SPARSEBERT_EMU_SEED draws new orders.
 BASE_SEED = int(os.environ.get("SPARSEBERT_EMU_SEED", "0"))
 
 

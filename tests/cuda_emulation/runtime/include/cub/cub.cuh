@@ -29,19 +29,20 @@ inline void check_block(const char* what, int threads, emu::Loc loc) {
 }
 
 // The shared memory of both block collectives: one aggregate per warp.
-template <typename T, int kThreads>
+template <typename T, int THREADS>
 class WarpAggregates {
  protected:
-  static constexpr int kWarps = kThreads / 32;
-  static_assert(kThreads % 32 == 0, "the emulated cub block collectives take whole warps");
+  static constexpr int kThreads = THREADS;
+  static constexpr int kWarps = THREADS / 32;
+  static_assert(THREADS % 32 == 0, "the emulated cub block collectives take whole warps");
 
  public:
   struct TempStorage {
     T warp_aggregates[kWarps];
   };
+  explicit WarpAggregates(TempStorage& storage) : storage_(storage) {}
 
  protected:
-  explicit WarpAggregates(TempStorage& storage) : storage_(storage) {}
   TempStorage& storage_;
 };
 
@@ -50,14 +51,10 @@ class WarpAggregates {
 template <typename T, int BLOCK_DIM_X, BlockScanAlgorithm ALGORITHM = BLOCK_SCAN_RAKING, int BLOCK_DIM_Y = 1,
           int BLOCK_DIM_Z = 1>
 class BlockScan : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z> {
-  static constexpr int kThreads = BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z;
-  using Base = detail::WarpAggregates<T, kThreads>;
-  using Base::kWarps;
-  using Base::storage_;
+  using Base = detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z>;
 
  public:
-  using typename Base::TempStorage;
-  explicit BlockScan(TempStorage& storage) : Base(storage) {}
+  using Base::Base;
 
   void ExclusiveSum(T input, T& output, emu::Loc loc = emu::Loc::current()) {
     T aggregate;
@@ -105,7 +102,7 @@ class BlockScan : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * B
 
   // Inclusive warp scan by shuffles, warp totals through shared memory, one barrier.
   void scan(T input, T& exclusive, T& block_aggregate, emu::Loc loc) {
-    detail::check_block("cub::BlockScan", kThreads, loc);
+    detail::check_block("cub::BlockScan", Base::kThreads, loc);
     const int tid = emu::linear_thread(), lane = tid % 32, warp = tid / 32;
     T inclusive = input;
     for (int offset = 1; offset < 32; offset <<= 1) {
@@ -114,11 +111,11 @@ class BlockScan : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * B
     }
     T before_lane = __shfl_up_sync(detail::kFullWarp, inclusive, 1, 32, loc);
     if (lane == 0) before_lane = T(0);
-    if (lane == 31) storage_.warp_aggregates[warp] = inclusive;
+    if (lane == 31) this->storage_.warp_aggregates[warp] = inclusive;
     __syncthreads(loc);
     T before_warp = T(0), total = T(0);
-    for (int w = 0; w < kWarps; ++w) {
-      const T a = storage_.warp_aggregates[w];
+    for (int w = 0; w < Base::kWarps; ++w) {
+      const T a = this->storage_.warp_aggregates[w];
       if (w < warp) before_warp = before_warp + a;
       total = total + a;
     }
@@ -130,14 +127,10 @@ class BlockScan : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * B
 template <typename T, int BLOCK_DIM_X, BlockReduceAlgorithm ALGORITHM = BLOCK_REDUCE_WARP_REDUCTIONS,
           int BLOCK_DIM_Y = 1, int BLOCK_DIM_Z = 1>
 class BlockReduce : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z> {
-  static constexpr int kThreads = BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z;
-  using Base = detail::WarpAggregates<T, kThreads>;
-  using Base::kWarps;
-  using Base::storage_;
+  using Base = detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y * BLOCK_DIM_Z>;
 
  public:
-  using typename Base::TempStorage;
-  explicit BlockReduce(TempStorage& storage) : Base(storage) {}
+  using Base::Base;
 
   // The block's sum in thread 0.
   T Sum(T input, emu::Loc loc = emu::Loc::current()) {
@@ -146,17 +139,17 @@ class BlockReduce : public detail::WarpAggregates<T, BLOCK_DIM_X * BLOCK_DIM_Y *
 
   template <class Op>
   T Reduce(T input, Op op, emu::Loc loc = emu::Loc::current()) {
-    detail::check_block("cub::BlockReduce", kThreads, loc);
+    detail::check_block("cub::BlockReduce", Base::kThreads, loc);
     const int tid = emu::linear_thread(), lane = tid % 32, warp = tid / 32;
     T partial = input;
     for (int offset = 16; offset > 0; offset >>= 1) {
       const T down = __shfl_down_sync(detail::kFullWarp, partial, offset, 32, loc);
       if (lane + offset < 32) partial = op(partial, down);
     }
-    if (lane == 0) storage_.warp_aggregates[warp] = partial;
+    if (lane == 0) this->storage_.warp_aggregates[warp] = partial;
     __syncthreads(loc);
     if (tid == 0) {
-      for (int w = 1; w < kWarps; ++w) partial = op(partial, storage_.warp_aggregates[w]);
+      for (int w = 1; w < Base::kWarps; ++w) partial = op(partial, this->storage_.warp_aggregates[w]);
     }
     return partial;
   }
