@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebert.ops import masked_linear, movement_linear, pack_mask
-from conftest import devices, requires_cuda
+from conftest import cuda_devices, devices, is_emulated, requires_cuda, runs_cuda_kernels
 
 ops = torch.ops.sparsebert
 
@@ -30,7 +30,7 @@ def tolerances(dtype):
 
 def dtypes(device):
     # bfloat16 is optional on the CPU (it runs, through ATen's bf16 GEMMs); fp16 is CUDA only.
-    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if runs_cuda_kernels(device) else [])
 
 
 def cases():
@@ -357,11 +357,17 @@ def test_cuda_device_mismatch_raises():
         ops.masked_linear(x, w, mask, b.cpu(), False)
 
 
-@requires_cuda
+LARGE_SHAPES = [(4096, 768, 3072), (300, 3072, 768), (1, 7, 1), (129, 65, 257)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k,n", [(4096, 768, 3072), (300, 3072, 768), (1, 7, 1), (129, 65, 257)])
-def test_cuda_large_shapes_against_cpu(dtype, m, k, n):
-    x, w, b, _, keep, mask = make((m,), k, n, "cuda", dtype, density=0.1)
+@pytest.mark.parametrize(
+    "device,m,k,n",
+    # The BERT-sized products take minutes on the CPU harness: it runs the small ones.
+    [(d, *s) for d in cuda_devices() for s in LARGE_SHAPES if not is_emulated(d) or s[0] * s[1] * s[2] < 10**7],
+)
+def test_cuda_large_shapes_against_cpu(device, dtype, m, k, n):
+    x, w, b, _, keep, mask = make((m,), k, n, device, dtype, density=0.1)
     y = ops.masked_linear(x, w, mask, b, False)
     y_ref = reference(x, w, keep, b)
     tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-1)

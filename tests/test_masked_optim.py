@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import devices, requires_cuda
+from conftest import cpu_kernels, cuda_devices, devices, requires_cuda
 from sparsebert.ops import masked_adamw_, masked_sgd_, pack_mask
 from sparsebert.optim import MaskedAdamW, MaskedSGD
 
@@ -462,18 +462,18 @@ def test_device_mismatch_raises():
                       0.9, 0.999, 1e-8, 0.0)
 
 
-@requires_cuda
+@pytest.mark.parametrize("device", cuda_devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compact", [False, True])
-def test_cuda_reduced_precision_params_with_float32_state(dtype, compact):
-    params, keeps = make_problem("cuda", torch.float32)
+def test_cuda_reduced_precision_params_with_float32_state(device, dtype, compact):
+    params, keeps = make_problem(device, torch.float32)
     low = [p.to(dtype) for p in params]
     ref = [p.float() for p in low]  # the float32 math of the kernel on rounded weights
     masks = packed(keeps)
     nnz = [int(k.sum()) if k is not None else None for k in keeps]
 
     def state():
-        return [torch.zeros(n, device="cuda") if compact and n is not None else torch.zeros(p.shape, device="cuda")
+        return [torch.zeros(n, device=device) if compact and n is not None else torch.zeros(p.shape, device=device)
                 for n, p in zip(nnz, params)]
     m, v, rm, rv = state(), state(), [torch.zeros_like(p) for p in ref], [torch.zeros_like(p) for p in ref]
     if compact:
@@ -486,21 +486,23 @@ def test_cuda_reduced_precision_params_with_float32_state(dtype, compact):
         torch.testing.assert_close(a, b.to(dtype))  # up to an ulp of dtype (rounding of ulp-apart floats)
 
 
-@requires_cuda
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("device", cuda_devices())
+def test_cuda_matches_cpu(device):
     for compact in (False, True):
         params, keeps = make_problem("cpu", torch.float32)
         masks = packed(keeps)
         nnz = [int(k.sum()) if k is not None else None for k in keeps]
         cpu = [p * k if k is not None else p.clone() for p, k in zip(params, keeps)]
-        gpu = [p.cuda() for p in cpu]
+        gpu = [p.to(device, copy=True) for p in cpu]  # not an alias where the device is the CPU
         st = lambda dev: [torch.zeros(n if compact and n is not None else p.numel(), device=dev).view(
             (n,) if compact and n is not None else p.shape) for n, p in zip(nnz, params)]
-        mc, vc, mg, vg = st("cpu"), st("cpu"), st("cuda"), st("cuda")
+        mc, vc, mg, vg = st("cpu"), st("cpu"), st(device), st(device)
         for step in range(1, 6):
             grads = grads_for(params, step)
-            masked_adamw_(cpu, grads, mc, vc, masks, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, compact=compact)
-            masked_adamw_(gpu, [g.cuda() for g in grads], mg, vg, [m.cuda() if m is not None else None for m in masks],
+            with cpu_kernels():
+                masked_adamw_(cpu, grads, mc, vc, masks, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, compact=compact)
+            masked_adamw_(gpu, [g.to(device) for g in grads], mg, vg,
+                          [m.to(device) if m is not None else None for m in masks],
                           step, 1e-2, 0.9, 0.999, 1e-8, 0.1, compact=compact)
         for a, b in zip(cpu, gpu):
             torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)
