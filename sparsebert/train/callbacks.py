@@ -4,10 +4,12 @@ evaluation comes before the checkpoint of the same step (the checkpoint holds it
 progress bar after the checkpoint, whose on_train_begin restores the step the bar starts from."""
 from __future__ import annotations
 
+import os
 import time
 
 from tqdm.auto import tqdm
 
+from . import distributed
 from .runs import Run, kill_hook
 from .trainer import Callback, StepLog, Trainer
 
@@ -72,25 +74,34 @@ class Checkpoint(Callback):
         if ckpt is None:  # killed before its first checkpoint: start over, forgetting what it logged
             self.run.truncate_metrics(0)
             return
-        state = Run.load_checkpoint(ckpt, trainer.model, trainer.optimizer, trainer.method, trainer.scaler)
+        model, optimizer = distributed.for_restore(trainer.model, trainer.optimizer)
+        state = Run.load_checkpoint(ckpt, model, optimizer, trainer.method, trainer.scaler)
         trainer.load_state_dict(state)
+        distributed.restore_rank_rng(state.get("rank_rng"))
+        saved_world = len(state.get("rank_rng") or []) or 1
+        if saved_world != trainer.dist.world:
+            tqdm.write(f"[{trainer.label}] resuming a run of {saved_world} process(es) with {trainer.dist.world}: the same "
+                       "global batches in the same order; dropout draws differ from the uninterrupted run")
         self.run.truncate_metrics(trainer.step)
         tqdm.write(f"[{trainer.label}] resumed from {ckpt} at step {trainer.step}/{trainer.total_steps}")
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
         if due(log.step, self.every, trainer.total_steps):
-            self.run.save_checkpoint(trainer.step, trainer.model, trainer.optimizer, trainer.method,
-                                     trainer.state_dict(), keep=self.keep, scaler=trainer.scaler)
+            model, optimizer, rank_rng = distributed.for_checkpoint(trainer.model, trainer.optimizer)
+            self.run.save_checkpoint(trainer.step, model, optimizer, trainer.method, {**trainer.state_dict(), "rank_rng": rank_rng},
+                                     keep=self.keep, scaler=trainer.scaler)
 
 
 class KillHook(Callback):
-    """SPARSEBERT_KILL_AT=[<run dir name>@]step:N kills the process after step N (resume tests)."""
+    """SPARSEBERT_KILL_AT=[<run dir name>@]step:N kills the process after step N (resume tests); with
+    SPARSEBERT_KILL_RANK=R, only rank R of a distributed job."""
 
     def __init__(self, where: str):
         self.where = where
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
-        kill_hook("step", log.step, self.where)
+        if os.environ.get("SPARSEBERT_KILL_RANK", str(trainer.dist.rank)) == str(trainer.dist.rank):
+            kill_hook("step", log.step, self.where)
 
 
 class ProgressBar(Callback):
@@ -103,7 +114,7 @@ class ProgressBar(Callback):
     def on_train_begin(self, trainer: Trainer) -> None:
         self.started, self.start_step = time.time(), trainer.step
         self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=trainer.label, unit="step",
-                        dynamic_ncols=True, mininterval=2.0)
+                        dynamic_ncols=True, mininterval=2.0, disable=not trainer.dist.is_main)
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
         self.bar.update(1)

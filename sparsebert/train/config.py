@@ -75,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",          # auto | cpu | cuda | cuda:N
         "precision": "fp32",       # fp32 | bf16 | fp16 (fp16 needs cuda)
         "threads": None,           # torch CPU threads; None = torch's default
+        "distributed": "auto",     # under torchrun: auto (= ddp) | ddp | fsdp (FSDP2 per encoder layer); none alone
+        "dist_backend": "auto",    # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
         "smoke": False,            # reduced steps and data, same code path (tests)
         "recipe": None,            # recipes/<method>/<recipe>.yaml for upstream/downstream; None = the stage's
                                    # name (e.g. downstream-qat for prune-ofa, structured for cap)
@@ -83,7 +85,7 @@ DEFAULTS: dict[str, Any] = {
 
 STAGE_SECTIONS = ("teacher", "upstream", "downstream", "evaluate")
 # keys of `run` that may differ between an interrupted run and its --resume
-RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir")
+RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir", "run.distributed", "run.dist_backend")
 
 
 def parse_value(text: str) -> Any:
