@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["MasksDiffer", "world_size", "rank", "is_ddp", "unwrap", "global_batch", "mean_over", "max_over_ranks", "gather_rows", "is_sharded",
-           "local", "row_slice", "local_rows", "shard_group", "shard_rows_like", "full_tensor", "check_same_on_ranks", "CommLog",
+           "local", "row_slice", "local_rows", "shard_group", "shard_rows_like", "full_tensor", "full_tensors", "check_same_on_ranks", "CommLog",
            "comm_log", "comm_device", "all_reduce", "all_gather"]
 
 
@@ -238,15 +238,29 @@ def shard_rows_like(piece: Tensor, like) -> Tensor:
 
 def full_tensor(t) -> Tensor:
     """The whole tensor of a DTensor (an all-gather, counted), or `t` itself."""
-    if not is_sharded(t):
-        return t
-    group = shard_group(t)
-    rows, w = t.shape[0], world_size(group)
-    chunk = -(-rows // w)
-    piece = local(t)
-    padded = piece.new_zeros((chunk, *piece.shape[1:]))
-    padded[:piece.shape[0]] = piece
-    return all_gather(padded, group).flatten(0, 1)[:rows]
+    return full_tensors([t])[0]
+
+
+def full_tensors(ts: Sequence) -> list[Tensor]:
+    """`full_tensor` of each; the DTensors (one dtype, one group) in a single all-gather."""
+    sharded = [t for t in ts if is_sharded(t)]
+    if not sharded:
+        return list(ts)
+    group = shard_group(sharded[0])
+    w = world_size(group)
+    pieces = []
+    for t in sharded:
+        piece = local(t)
+        padded = piece.new_zeros((-(-t.shape[0] // w), *piece.shape[1:]))  # torch.chunk rows: equal on every rank
+        padded[:piece.shape[0]] = piece
+        pieces.append(padded.reshape(-1))
+    gathered = all_gather(torch.cat(pieces), group)
+    out, start = {}, 0
+    for t, piece in zip(sharded, pieces):
+        block = gathered[:, start:start + piece.numel()].reshape(w * -(-t.shape[0] // w), *t.shape[1:])
+        out[id(t)] = block[:t.shape[0]]
+        start += piece.numel()
+    return [out[id(t)] if is_sharded(t) else t for t in ts]
 
 
 # ---- masks agree on every rank -------------------------------------------------------------------

@@ -124,11 +124,12 @@ def key_to_value(key: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-def _select_bucket(hist: Tensor, k: int) -> tuple[int, int]:
-    """(bucket holding the k-th largest, count strictly above it) for 1-based k."""
-    above = hist.flip(0).cumsum(0).flip(0)  # above[b] = count in buckets >= b
-    bucket = int((above >= k).nonzero().max())
-    return bucket, int(above[bucket] - hist[bucket])
+def _select_buckets(hist: Tensor, ks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of hist [G, bins]: (bucket holding the ks[g]-th largest, count strictly above it), 1-based ks."""
+    above = hist.flip(1).cumsum(1).flip(1)  # above[g, b] = count in buckets >= b, non-increasing in b
+    bucket = ((above >= ks[:, None]).sum(1) - 1).clamp(min=0)
+    rows = torch.arange(hist.shape[0])
+    return bucket, above[rows, bucket] - hist[rows, bucket]
 
 
 def _digit_schedule(device: torch.device) -> tuple[int, ...]:
@@ -137,9 +138,10 @@ def _digit_schedule(device: torch.device) -> tuple[int, ...]:
     return (11, 11, 10) if device.type == "cuda" else (16, 16)
 
 
-#: Digits of the sharded selection: each pass all-reduces a 256-bin histogram per selection (2 KiB),
-#: four passes in all; wider digits mean fewer passes but 256x more bytes a pass.
-SHARDED_DIGITS = (8, 8, 8, 8)
+#: Digits of the sharded selection: three passes, each all-reducing a histogram of 2048 (then 1024) int64
+#: per selection: 40 KiB a matrix in all. 16-bit digits (the CPU's two passes) would move 1 MiB a
+#: matrix, more than gathering a 384 x 384 one; 8-bit digits move less but cost a fourth pass.
+SHARDED_DIGITS = (11, 11, 10)
 
 
 def find_threshold(
@@ -195,30 +197,25 @@ def find_thresholds(
     device = next((t.device for g in groups for t in g), torch.device("cpu"))
     digits = SHARDED_DIGITS if all_reduce is not None else _digit_schedule(device)
     n = len(groups)
-    prefix, remaining, bucket = [0] * n, list(ks), [0] * n
-    prefix_bits, local = 0, None
+    prefix, remaining = torch.zeros(n, dtype=torch.int64), torch.tensor(ks, dtype=torch.int64)
+    bucket, prefix_bits, local = torch.zeros(n, dtype=torch.int64), 0, None
     for bits in digits:
-        local = torch.stack([topk_histogram(g, use_abs, p, prefix_bits, bits) if g else
+        local = torch.stack([topk_histogram(g, use_abs, int(p), prefix_bits, bits) if g else
                              torch.zeros(1 << bits, dtype=torch.int64, device=device) for g, p in zip(groups, prefix)])
         hist = reduce(local.clone()).cpu()
         if prefix_bits == 0:
-            totals = hist.sum(1).tolist()
-            for k, total in zip(ks, totals):
+            for k, total in zip(ks, hist.sum(1).tolist()):
                 if k > total:
                     raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
-        for g in range(n):
-            if ks[g] == 0:
-                continue
-            bucket[g], above = _select_bucket(hist[g], remaining[g])
-            prefix[g], remaining[g] = (prefix[g] << bits) | bucket[g], remaining[g] - above
+        bucket, above = _select_buckets(hist, remaining.clamp(min=1))
+        prefix, remaining = (prefix << bits) | bucket, remaining - above
         prefix_bits += bits
     if all_gather is not None:
-        local_ties = local[torch.arange(n, device=local.device), torch.tensor(bucket, device=local.device)].clone()
-        earlier = torch.as_tensor(all_gather(local_ties)).reshape(-1, n)[:rank].sum(0).tolist()
-        ties = local_ties.tolist()
-        remaining = [min(max(r - e, 0), t) for r, e, t in zip(remaining, earlier, ties)]
+        local_ties = local[torch.arange(n, device=local.device), bucket.to(local.device)].clone()
+        earlier = torch.as_tensor(all_gather(local_ties)).reshape(-1, n)[:rank].sum(0).cpu()
+        remaining = torch.minimum((remaining - earlier).clamp(min=0), local_ties.cpu())
     # k = 0: no finite value has the largest key (it stands for a NaN)
-    return [(0xFFFFFFFF, 0) if k == 0 else (p, r) for k, p, r in zip(ks, prefix, remaining)]
+    return [(0xFFFFFFFF, 0) if k == 0 else (int(p), int(r)) for k, p, r in zip(ks, prefix, remaining)]
 
 
 # --- topk_masks: the public entry point ---------------------------------------------------

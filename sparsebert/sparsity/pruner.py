@@ -80,8 +80,8 @@ class Pruner:
                 expected = None
             else:
                 masks, expected = self.pattern(imp, value, names=self.names, **self.pattern_kwargs)
-            for module, mask in zip(self.modules, masks):
-                module.mask.copy_(D.full_tensor(mask))
+            for module, mask in zip(self.modules, D.full_tensors(masks)):
+                module.mask.copy_(mask)
                 if self.zero_weights:
                     self._zero(module)
             if self.check_ranks:
