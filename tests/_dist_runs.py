@@ -14,6 +14,7 @@ import tinybert
 from sparsebert.data import glue
 from sparsebert.methods import MethodContext, get_method
 from sparsebert.sparsity import masked_modules
+from sparsebert.train import checkpointing as TC
 from sparsebert.train import distributed as TD
 from sparsebert.train.evaluation import eval_task
 from sparsebert.train.trainer import Callback, Trainer
@@ -56,7 +57,10 @@ class Record(Callback):
 
 
 def run(name: str, out: Path | None = None) -> dict:
-    """The run `name` in this process (as one rank when a process group is up); rank 0's results."""
+    """The run `name` (a METHODS key, "-bf16" for bf16 autocast) in this process (as one rank when a
+    process group is up); rank 0's results."""
+    name, _, precision = name.partition("-")
+    precision = precision or "fp32"
     method_name, options = METHODS[name]
     d = TD.current()
     torch.manual_seed(0)
@@ -103,23 +107,23 @@ def run(name: str, out: Path | None = None) -> dict:
     training = {"batch_size": BATCH, "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0, "seed": 0,
                 "group_by_length": False}
     trainer = Trainer(method=method, model=ctx.student, train_features=train, make_batch=make_batch, training=training,
-                      total_steps=total, steps_per_epoch=TRAIN // BATCH, device=torch.device("cpu"),
-                      evaluate=lambda: eval_task(student, task, dev, 0, 4, torch.device("cpu"), "fp32"),
+                      total_steps=total, steps_per_epoch=TRAIN // BATCH, device=torch.device("cpu"), precision=precision,
+                      evaluate=lambda: eval_task(student, task, dev, 0, 4, torch.device("cpu"), precision),
                       callbacks=[record], dist=d)
     final = trainer.fit()
-    model, optimizer, _ = TD.for_checkpoint(ctx.student, trainer.optimizer)
+    model, optimizer, _ = TC.for_checkpoint(ctx.student, trainer.optimizer)
     result = {"masks": masks, "losses": record.losses, "final": final, "comm": comm,
               "weights": {k: v.detach().clone() for k, v in model.state_dict().items()} if d.is_main else None,
               "optimizer": optimizer.state_dict() if d.is_main else None}
     if method.contrastive is not None:
         result["banks"] = {k: v.clone() for k, v in method.contrastive.state_dict().items() if torch.is_tensor(v)}
     if name == "lock" and d.mode == "fsdp":  # the full state loads back into the shards
-        _, restore = TD.for_restore(ctx.student, trainer.optimizer)
-        before = [{k: TD.D.local(v).clone() for k, v in s.items() if torch.is_tensor(v)}
+        _, restore = TC.for_restore(ctx.student, trainer.optimizer)
+        before = [{k: TC.D.local(v).clone() for k, v in s.items() if torch.is_tensor(v)}
                   for s in trainer.optimizer.state.values()]
-        full = TD._full_optimizer_state(trainer.optimizer)
+        full = TC._full_optimizer_state(trainer.optimizer)
         restore.load_state_dict(full)
-        after = [{k: TD.D.local(v) for k, v in s.items() if torch.is_tensor(v)} for s in trainer.optimizer.state.values()]
+        after = [{k: TC.D.local(v) for k, v in s.items() if torch.is_tensor(v)} for s in trainer.optimizer.state.values()]
         result["restored_equal"] = all(torch.equal(a[k], b[k]) for a, b in zip(after, before) for k in b)
     if out is not None and d.is_main:
         torch.save(result, out)

@@ -37,8 +37,8 @@ def free_ports(n: int) -> list[int]:
 def spawned(tmp_path_factory):
     """Single-process runs here; the same runs as 2-rank DDP / FSDP2 jobs, and the library checks, in one spawn."""
     out = tmp_path_factory.mktemp("spawned")
-    single = {name: R.run(name) for name in ("kap", "cap", "lock")}
-    runs = [("ddp", "kap"), ("fsdp", "kap"), ("ddp", "cap"), ("fsdp", "lock")]
+    single = {name: R.run(name) for name in ("kap", "cap", "lock", "kap-bf16")}
+    runs = [("ddp", "kap"), ("fsdp", "kap"), ("ddp", "cap"), ("fsdp", "lock"), ("fsdp", "kap-bf16")]
     jobs = [("run", mode, name, str(out / f"{mode}-{name}.pt")) for mode, name in runs]
     jobs += [("global-mean", str(out / "global-mean.pt")), ("differ", str(out / "differ")),
              ("wrapped", str(out / "wrapped.pt")), ("example", 0, str(out / "example-ddp.txt")),
@@ -73,6 +73,15 @@ def test_two_ranks_of_half_the_batch_prune_as_one_process(spawned, mode):
         for pid in state_a:
             for key, value in state_a[pid].items():
                 torch.testing.assert_close(state_b[pid][key], value, atol=1e-6, rtol=1e-4)
+
+
+def test_fsdp_follows_the_precision_option(spawned):
+    """bf16 autocast (the masked ops cast like nn.Linear) under FSDP2: the run of one process, within
+    bf16 rounding."""
+    single, dist, _ = spawned
+    a, b = single["kap-bf16"], dist["fsdp-kap-bf16"]
+    assert b["losses"] == pytest.approx(a["losses"], rel=2e-2) and a["losses"] != single["kap"]["losses"]
+    assert len(b["masks"]) == 5 and b["final"].keys() == a["final"].keys()
 
 
 def test_fsdp_compact_optimizer_state_is_the_single_process_state(spawned):
@@ -224,12 +233,13 @@ def test_torchrun_two_nodes_on_localhost_run_one_job(cli):
 
 
 def test_kill_one_rank_then_resume(cli):
-    """kill -9 of rank 1 after step 5 takes the job down; `torchrun ... --resume` ends with the masks and
-    metrics of the uninterrupted run. The checkpoint of 2 ranks also resumes in one process."""
+    """An FSDP2 job: kill -9 of rank 1 after step 5 takes it down; `torchrun ... --resume` ends with the
+    masks and metrics of the uninterrupted run (of one process). The checkpoint of the 2 FSDP2 ranks
+    also resumes in one process."""
     run = cli["root"] / "killed"
     port = free_ports(1)[0]
-    rc, _, err = finish(torchrun(cli["args"] + ["--run-dir", str(run)], "--nproc_per_node=2", f"--master_port={port}",
-                                 env={"SPARSEBERT_KILL_AT": "step:5", "SPARSEBERT_KILL_RANK": "1"}))
+    rc, _, err = finish(torchrun(cli["args"] + ["--run-dir", str(run), "--distributed", "fsdp"], "--nproc_per_node=2",
+                                 f"--master_port={port}", env={"SPARSEBERT_KILL_AT": "step:5", "SPARSEBERT_KILL_RANK": "1"}))
     assert rc != 0 and "SIGKILL" in err
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004" and not (run / "done.json").exists()
     one_process = cli["root"] / "killed-copy"
@@ -238,7 +248,7 @@ def test_kill_one_rank_then_resume(cli):
     assert rc == 0, err[-3000:]
     assert "resumed from" in out and (run / "done.json").is_file()
     assert_same_as_single(cli, run)
-    assert main(["--resume", str(one_process)]) == 0  # the world size changes from 2 to 1
+    assert main(["--resume", str(one_process), "--distributed", "auto"]) == 0  # from 2 FSDP2 ranks to 1 process
     assert_same_as_single(cli, one_process)
 
 

@@ -9,7 +9,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import checkpointing
 from .runs import Run, kill_hook
 from .trainer import Callback, StepLog, Trainer
 
@@ -74,10 +74,10 @@ class Checkpoint(Callback):
         if ckpt is None:  # killed before its first checkpoint: start over, forgetting what it logged
             self.run.truncate_metrics(0)
             return
-        model, optimizer = distributed.for_restore(trainer.model, trainer.optimizer)
+        model, optimizer = checkpointing.for_restore(trainer.model, trainer.optimizer)
         state = Run.load_checkpoint(ckpt, model, optimizer, trainer.method, trainer.scaler)
         trainer.load_state_dict(state)
-        distributed.restore_rank_rng(state.get("rank_rng"))
+        checkpointing.restore_rank_rng(state.get("rank_rng"))
         saved_world = len(state.get("rank_rng") or []) or 1
         if saved_world != trainer.dist.world:
             tqdm.write(f"[{trainer.label}] resuming a run of {saved_world} process(es) with {trainer.dist.world}: the same "
@@ -87,7 +87,7 @@ class Checkpoint(Callback):
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
         if due(log.step, self.every, trainer.total_steps):
-            model, optimizer, rank_rng = distributed.for_checkpoint(trainer.model, trainer.optimizer)
+            model, optimizer, rank_rng = checkpointing.for_checkpoint(trainer.model, trainer.optimizer)
             self.run.save_checkpoint(trainer.step, model, optimizer, trainer.method, {**trainer.state_dict(), "rank_rng": rank_rng},
                                      keep=self.keep, scaler=trainer.scaler)
 

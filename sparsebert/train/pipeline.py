@@ -148,12 +148,13 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
         saved = run.saved_config()
         if saved["stage"] != stage:
             raise ConfigError(f"{resume} is a {saved['stage']} run, not {stage}")
+        saved, user = distributed.launch_settings(saved, user)
         if user:  # what the command line says must agree with the run being resumed
             now = _resolve(stage, user)
             if stage == "pipeline":
                 now["stages"] = dict(link_plan(list(now["stages"].items()), Path(saved["run"]["dir"])))
             run.check_same_config(now)
-        cfg = distributed.launch_settings(saved, user)
+        cfg = saved
     else:
         cfg = _resolve(stage, user)
         if budget and stage == "pipeline":

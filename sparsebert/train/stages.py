@@ -16,6 +16,7 @@ from ..data import text as T
 from ..methods import MethodContext, NotRegistered, get_method
 from ..sparsity import sparsity_report
 from . import callbacks, distributed, runtime
+from .checkpointing import plain_copy
 from .errors import StageError
 from .inputs import corpus_objective, make_inputs, on_corpus
 from .models import check_model, export_model, frozen, load_model, load_tokenizer, quiet_transformers
@@ -174,7 +175,7 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
                f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}"
                + (f" | {trainer.dist.describe(t['batch_size'])}" if trainer.dist.active else ""))
     final = trainer.fit()
-    plain = distributed.plain_copy(student)  # rank 0's; under FSDP2 every rank gathers its shards
+    plain = plain_copy(student)  # rank 0's; under FSDP2 every rank gathers its shards
     final = {k: v for k, v in final.items() if k not in ("kind", "step")}
 
     def finish() -> dict:
