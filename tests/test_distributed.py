@@ -209,6 +209,7 @@ def assert_same_as_single(cli, run: Path) -> None:
     (want, want_masks), (got, got_masks) = run_records(cli["single"]), run_records(run)
     assert [r["kind"] for r in got] == [r["kind"] for r in want] and len(want) > 8
     for a, b in zip(want, got):
+        b = {k: v for k, v in b.items() if k not in ("comm_bytes", "gather_bytes")}  # FSDP2's pruning events report them
         assert a.keys() == b.keys()
         for key, value in a.items():
             assert b[key] == (value if key in ("kind", "step", "epoch") or "/" in key else pytest.approx(value, rel=1e-5, abs=1e-7))
