@@ -66,12 +66,16 @@ class UnknownFamily(ValueError):
 
 def family_of(model: nn.Module) -> Family:
     """The family of a transformers model, by its config's model_type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return family_of_type(getattr(getattr(model, "config", None), "model_type", None), type(model).__name__)
+
+
+def family_of_type(model_type: str | None, what: str = "") -> Family:
+    """The family answering to a transformers `config.model_type`."""
     families = [FAMILIES.get(n) for n in FAMILIES.names()]
     for family in families:
         if model_type in family.model_types:
             return family
-    raise UnknownFamily(f"no model family answers to model_type {model_type!r} ({type(model).__name__}); known: "
+    raise UnknownFamily(f"no model family answers to model_type {model_type!r}{f' ({what})' if what else ''}; known: "
                         f"{', '.join(t for f in families for t in f.model_types)}. Add one in sparsebert/families.py")
 
 

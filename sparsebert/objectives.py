@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .distributed import mean_over
+
 OBJECTIVES = ("classification", "regression", "mlm", "representation")
 TASK_OBJECTIVES = ("classification", "regression")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -16,11 +18,14 @@ def model_inputs(batch: dict) -> dict:
 
 
 def task_loss(logits: torch.Tensor, batch: dict, objective: str) -> torch.Tensor:
-    """The supervised loss of an objective: cross-entropy, MSE, or masked-LM cross-entropy."""
+    """The supervised loss of an objective: cross-entropy, MSE, or masked-LM cross-entropy; a mean over
+    the examples (masked tokens for mlm) of the global batch inside `sparsebert.distributed.global_batch`."""
     if objective == "classification":
-        return F.cross_entropy(logits, batch["labels"])
+        return mean_over(F.cross_entropy(logits, batch["labels"], reduction="sum"), logits.shape[0])
     if objective == "regression":
-        return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
+        return mean_over(F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype), reduction="sum"), logits.shape[0])
     if objective == "mlm":
-        return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
+        labels = batch["labels"].flatten()
+        loss = F.cross_entropy(logits.flatten(0, -2), labels, ignore_index=-100, reduction="sum")
+        return mean_over(loss, (labels != -100).sum())
     raise ValueError(f"objective {objective!r} has no supervised task loss")

@@ -27,6 +27,10 @@ a second read of the weights would cost as much again.
 A group's ``lr_scale`` (default 1) multiplies its ``lr`` inside every step, so a loop that sets
 every group's ``lr`` to one scheduled value (or a LambdaLR) keeps the groups' ratios.
 
+FSDP2 parameters (DTensors sharded on their rows) are stepped shard by shard, with the rows of their
+(replicated) masks that the shard holds: dense state is a DTensor sharded like its parameter, compact
+state the local shard's kept weights in row-major order.
+
 Half/bfloat16 parameters (CUDA) keep float32 state. One kernel call covers all parameters of a
 group that share device, dtype and step.
 """
@@ -38,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import local, local_rows
 from .ops.mask import unpack_mask
 from .ops.optim_step import masked_adamw_, masked_sgd_
 
@@ -53,7 +58,8 @@ def _state_dtype(param: Tensor) -> torch.dtype:
 
 
 def _keep(mask: Tensor, param: Tensor) -> Tensor:
-    return unpack_mask(mask, param.shape[-1])
+    """The kept positions of `param`'s local shard (all of it unless it is an FSDP2 DTensor)."""
+    return unpack_mask(local_rows(mask, param), param.shape[-1])
 
 
 class _MaskedOptimizer(Optimizer):
@@ -115,9 +121,8 @@ class _MaskedOptimizer(Optimizer):
         mask = self._masks.get(param)
         if compact and mask is not None:
             shape = (int(_keep(mask, param).sum()),)
-        else:
-            shape = param.shape
-        return {name: torch.zeros(shape, dtype=_state_dtype(param), device=param.device) for name in self._state_names}
+            return {name: torch.zeros(shape, dtype=_state_dtype(param), device=param.device) for name in self._state_names}
+        return {name: torch.zeros_like(param, dtype=_state_dtype(param)) for name in self._state_names}
 
     def _check_mode(self, param: Tensor, state: dict, compact: bool) -> None:
         has_tensors = any(name in state for name in self._state_names)
@@ -151,14 +156,14 @@ class _MaskedOptimizer(Optimizer):
             for name in self._state_names:
                 if name not in state:
                     continue
-                value = state[name]
+                value = local(state[name])
                 if old_keep is not None:
-                    dense = torch.zeros(param.shape, dtype=value.dtype, device=value.device)
+                    dense = torch.zeros(keep.shape, dtype=value.dtype, device=value.device)
                     dense[old_keep] = value
                     value = dense
                 state[name] = value[keep].contiguous()
             state["compact_mask"] = mask.clone()
-            param.mul_(keep)
+            local(param).mul_(keep)
 
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer state (moments, step counters, compact-mask copies)."""
@@ -202,7 +207,7 @@ class _MaskedOptimizer(Optimizer):
             if self._has_state_tensors(group) and not all(name in state for name in self._state_names):
                 fresh[param] = self._new_state(param, compact)
             states.append({**state, **fresh.get(param, {})})
-        lists = [[s[name] for s in states] for name in self._state_names] if self._has_state_tensors(group) else [[]]
+        lists = [[local(s[name]) for s in states] for name in self._state_names] if self._has_state_tensors(group) else [[]]
         masks = [self._masks.get(p) for p in params]
         if compact:
             for i, (mask, state) in enumerate(zip(masks, states)):
@@ -210,14 +215,15 @@ class _MaskedOptimizer(Optimizer):
                     raise MaskChanged(f"{type(self).__name__}: the mask of parameter {i} of a step changed after its state "
                                       "was compacted; a compact-state optimizer needs locked masks: call "
                                       "optimizer.compact_state_(param) after changing a mask on purpose")
-        grads = [p.grad.contiguous() for p in params]
-        kernel(params, grads, *lists, masks, *args, compact=compact, check_finite=group["check_finite"])
+        grads = [local(p.grad).contiguous() for p in params]
+        kernel([local(p) for p in params], grads, *lists, [m if m is None else local_rows(m, p) for m, p in zip(masks, params)],
+               *args, compact=compact, check_finite=group["check_finite"])
         for param, new in fresh.items():
             self.state[param].update(new)
             mask = self._masks.get(param)
             if compact and mask is not None:
                 self.state[param]["compact_mask"] = mask.clone()
-                param.mul_(_keep(mask, param))
+                local(param).mul_(_keep(mask, param))
         for param in params:
             self.state[param]["step"] += 1
 

@@ -5,6 +5,7 @@ import math
 
 from torch import nn
 
+from ..distributed import is_ddp
 from ..families import family_of
 from ..objectives import TASK_OBJECTIVES
 from .base import Method, register_method
@@ -67,5 +68,8 @@ class SmallDense(Method):
         self.sparsity, self.num_layers = sparsity, num_layers
 
     def setup(self, ctx) -> None:
+        if is_ddp(ctx.student):
+            raise ValueError("small-dense removes layers of the student, which its DistributedDataParallel wrapper "
+                             "would still expect: set the method up on the unwrapped model and wrap it afterwards")
         super().setup(ctx)
         small_dense(ctx.student, sparsity=self.sparsity, num_layers=self.num_layers)

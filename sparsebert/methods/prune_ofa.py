@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+from ..distributed import unwrap
 from .base import register_method
 from .sparse import SparseMethod
 
@@ -45,5 +46,5 @@ class PruneOFA(SparseMethod):
                 self.distill = type(self.distill)(**(KD_REPRESENTATION if ctx.objective == "representation" else KD_MLM))
         if self.stage == "upstream" and ctx.teacher is None:
             # The teacher upstream is the dense model itself, frozen before pruning starts.
-            ctx.teacher = copy.deepcopy(ctx.student).eval().requires_grad_(False)
+            ctx.teacher = copy.deepcopy(unwrap(ctx.student)).eval().requires_grad_(False)
         super().setup(ctx)

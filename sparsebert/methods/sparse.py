@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..distributed import is_ddp, unwrap
 from ..distill.contrastive import ContrastiveConfig, ContrastiveModule
 from ..distill.kd import DistillConfig, distill_loss
 from ..objectives import model_inputs
@@ -22,7 +23,7 @@ from ..sparsity.criteria import CRITERIA
 from ..sparsity.pruner import Pruner
 from ..sparsity.quant import enable_qat
 from ..sparsity.schedules import SCHEDULES, LRRewind, linear_warmup_decay
-from ..sparsity.sparsify import sparsify
+from ..sparsity.sparsify import masked_modules, sparsify
 from .base import Method
 
 # Zero scores rank weights by movement alone, which needs about an epoch of warm-up before the masks
@@ -104,18 +105,28 @@ class SparseMethod(Method):
             frozenset({"pretrained"} if cc and cc.pretrained else set())
 
     def setup(self, ctx) -> None:
+        """Works on a student wrapped in DistributedDataParallel too (its forward stays wrapped);
+        movement scores must then exist before the wrapping (DDP synchronizes only the parameters
+        it was built with). Under FSDP2, set up before fully_shard."""
+        student = unwrap(ctx.student)
+        if is_ddp(ctx.student) and self.criterion.learns_scores and \
+                (not masked_modules(student) or any(m.scores is None for m in masked_modules(student).values())):
+            raise ValueError(f"criterion {self.criterion_name!r} trains movement scores, new parameters that the "
+                             "DistributedDataParallel wrapper of the student would not synchronize: call "
+                             "sparsebert.sparsify(model, {'scores': True}) before wrapping it, or set the method up "
+                             "on the unwrapped model and wrap it afterwards")
         super().setup(ctx)
         c, criterion = self.config, self.criterion
         if self.distill.attention:
-            for model in (ctx.student, ctx.teacher):
+            for model in (student, unwrap(ctx.teacher)):
                 _eager_attention(model)
         targets = {"include": c["targets"]} if c["targets"] else {}
-        modules = sparsify(ctx.student, {**targets, "scores": criterion.learns_scores})
+        modules = sparsify(student, {**targets, "scores": criterion.learns_scores})
         if c["score_init"] == "magnitude":
             with torch.no_grad():
                 for module in modules.values():
                     module.scores.copy_(module.weight.abs())
-        prune_with = {"pattern_kwargs": c["pattern_kwargs"], "num_heads": ctx.student.config.num_attention_heads}
+        prune_with = {"pattern_kwargs": c["pattern_kwargs"], "num_heads": student.config.num_attention_heads}
         schedule = SCHEDULES.get(c["schedule"]).from_config(c, ctx.total_steps, criterion)
         self.pruner = Pruner(modules, self.criterion_name, c["pattern"], schedule, **prune_with)
         self.pruner.step(0)
@@ -124,7 +135,7 @@ class SparseMethod(Method):
         if c["quantize"]:
             enable_qat(modules, c["quant_bits"])
         if self.contrastive_config:
-            self.contrastive = ContrastiveModule(self.contrastive_config, ctx.student.config.hidden_size, ctx.train_size, ctx.device)
+            self.contrastive = ContrastiveModule(self.contrastive_config, student.config.hidden_size, ctx.train_size, ctx.device)
             self.snapshot_every = max(1, ctx.total_steps // (self.contrastive_config.max_snapshots + 1))
 
     # --- optimizer and LR ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..distributed import is_sharded as _is_sharded
 from .mask import pack_mask, unpack_mask
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "topk_mask_rows",
     "nm_mask",
     "find_threshold",
+    "find_thresholds",
     "topk_masks",
     "key_to_value",
     "kept_count",
@@ -122,17 +124,24 @@ def key_to_value(key: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-def _select_bucket(hist: Tensor, k: int) -> tuple[int, int]:
-    """(bucket holding the k-th largest, count strictly above it) for 1-based k."""
-    above = hist.flip(0).cumsum(0).flip(0)  # above[b] = count in buckets >= b
-    bucket = int((above >= k).nonzero().max())
-    return bucket, int(above[bucket] - hist[bucket])
+def _select_buckets(hist: Tensor, ks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of hist [G, bins]: (bucket holding the ks[g]-th largest, count strictly above it), 1-based ks."""
+    above = hist.flip(1).cumsum(1).flip(1)  # above[g, b] = count in buckets >= b, non-increasing in b
+    bucket = ((above >= ks[:, None]).sum(1) - 1).clamp(min=0)
+    rows = torch.arange(hist.shape[0])
+    return bucket, above[rows, bucket] - hist[rows, bucket]
 
 
 def _digit_schedule(device: torch.device) -> tuple[int, ...]:
     # 16-bit digits suit the CPU's per-thread histograms; on a GPU 11/11/10 bits keep the
     # per-block histograms in shared memory.
     return (11, 11, 10) if device.type == "cuda" else (16, 16)
+
+
+#: Digits of the sharded selection: three passes, each all-reducing a histogram of 2048 (then 1024) int64
+#: per selection: 40 KiB a matrix in all. 16-bit digits (the CPU's two passes) would move 1 MiB a
+#: matrix, more than gathering a 384 x 384 one; 8-bit digits move less but cost a fourth pass.
+SHARDED_DIGITS = (11, 11, 10)
 
 
 def find_threshold(
@@ -145,20 +154,37 @@ def find_threshold(
 ) -> tuple[int, int]:
     """``(threshold_key, ties_to_keep)`` such that ``topk_mask_from_threshold(tensors, use_abs,
     threshold_key, ties_to_keep)`` keeps exactly the ``k`` largest values (ties to the lower flat
-    index), by radix-select histogram passes (two 16-bit digits on CPU, 11/11/10 bits on CUDA).
-    Use :func:`key_to_value` for the threshold value.
+    index), by radix-select histogram passes (two 16-bit digits on CPU, 11/11/10 bits on CUDA,
+    ``SHARDED_DIGITS`` when sharded). Use :func:`key_to_value` for the threshold value.
 
-    Sharded weights: every rank calls this with its own non-empty shard and the *global* ``k``;
-    ranks are ordered as the global flat order (rank r's tensors come after rank r-1's).
-    ``all_reduce(hist)`` must sum an int64 tensor over ranks, in place (returning None, like
+    Sharded weights: every rank calls this with its own shard (possibly empty tensors) and the
+    *global* ``k``; ranks are ordered as the global flat order (rank r's tensors come after rank
+    r-1's). ``all_reduce(hist)`` must sum an int64 tensor over ranks, in place (returning None, like
     ``torch.distributed.all_reduce``) or returning the sum. The threshold key is then global, but
     the ties to keep are per rank: rank r keeps what is left after the ties of ranks < r, which
     needs ``all_gather(t)`` returning the per-rank values of ``t`` stacked as ``[world, *t.shape]``,
     and this process's ``rank``. Per-rank kept counts then add up to ``k`` and the concatenated
     masks equal the single-process ones.
     """
-    if k < 0:
-        raise ValueError(f"find_threshold: k must be >= 0, got {k}")
+    return find_thresholds([tensors], [k], use_abs, all_reduce, all_gather, rank)[0]
+
+
+def find_thresholds(
+    groups: Sequence[Sequence[Tensor]],
+    ks: Sequence[int],
+    use_abs: bool = True,
+    all_reduce: Callable[[Tensor], Tensor | None] | None = None,
+    all_gather: Callable[[Tensor], Tensor] | None = None,
+    rank: int = 0,
+) -> list[tuple[int, int]]:
+    """:func:`find_threshold` for several independent selections (the top ``ks[g]`` of
+    ``groups[g]``) at once: one ``all_reduce`` per pass for all of them (and one ``all_gather`` of
+    the ties), so a per-tensor selection over sharded weights costs a few collectives, not a few
+    per tensor."""
+    if len(groups) != len(ks) or not groups:
+        raise ValueError(f"find_thresholds: {len(groups)} groups and {len(ks)} ks; need one k per group, at least one")
+    if any(k < 0 for k in ks):
+        raise ValueError(f"find_threshold: k must be >= 0, got {min(ks)}")
     if all_reduce is not None and all_gather is None:
         raise ValueError("find_threshold: sharded use (all_reduce) needs all_gather and rank for the per-rank ties")
 
@@ -168,24 +194,28 @@ def find_threshold(
         out = all_reduce(hist)
         return hist if out is None else out
 
-    prefix, prefix_bits, remaining = 0, 0, k
-    bucket, local = 0, None
-    for bits in _digit_schedule(tensors[0].device):
-        local = topk_histogram(tensors, use_abs, prefix, prefix_bits, bits)
+    device = next((t.device for g in groups for t in g), torch.device("cpu"))
+    digits = SHARDED_DIGITS if all_reduce is not None else _digit_schedule(device)
+    n = len(groups)
+    prefix, remaining = torch.zeros(n, dtype=torch.int64), torch.tensor(ks, dtype=torch.int64)
+    bucket, prefix_bits, local = torch.zeros(n, dtype=torch.int64), 0, None
+    for bits in digits:
+        local = torch.stack([topk_histogram(g, use_abs, int(p), prefix_bits, bits) if g else
+                             torch.zeros(1 << bits, dtype=torch.int64, device=device) for g, p in zip(groups, prefix)])
         hist = reduce(local.clone()).cpu()
         if prefix_bits == 0:
-            total = int(hist.sum())
-            if k > total:
-                raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
-            if k == 0:
-                return 0xFFFFFFFF, 0  # no finite value has the largest key (it stands for a NaN)
-        bucket, above = _select_bucket(hist, remaining)
-        prefix, prefix_bits, remaining = (prefix << bits) | bucket, prefix_bits + bits, remaining - above
+            for k, total in zip(ks, hist.sum(1).tolist()):
+                if k > total:
+                    raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
+        bucket, above = _select_buckets(hist, remaining.clamp(min=1))
+        prefix, remaining = (prefix << bits) | bucket, remaining - above
+        prefix_bits += bits
     if all_gather is not None:
-        local_ties = local[bucket : bucket + 1].clone()
-        earlier = int(torch.as_tensor(all_gather(local_ties)).reshape(-1)[:rank].sum())
-        remaining = min(max(remaining - earlier, 0), int(local_ties))
-    return prefix, remaining
+        local_ties = local[torch.arange(n, device=local.device), bucket.to(local.device)].clone()
+        earlier = torch.as_tensor(all_gather(local_ties)).reshape(-1, n)[:rank].sum(0).cpu()
+        remaining = torch.minimum((remaining - earlier).clamp(min=0), local_ties.cpu())
+    # k = 0: no finite value has the largest key (it stands for a NaN)
+    return [(0xFFFFFFFF, 0) if k == 0 else (int(p), int(r)) for k, p, r in zip(ks, prefix, remaining)]
 
 
 # --- topk_masks: the public entry point ---------------------------------------------------
@@ -236,6 +266,18 @@ def _min_kept(x: Tensor, packed: Tensor, use_abs: bool) -> Tensor:
     return torch.where(keep, score, torch.full_like(score, math.inf)).amin()
 
 
+def _sharded(tensors: list) -> bool:
+    flags = {_is_sharded(x) for x in tensors}
+    if len(flags) > 1:
+        raise ValueError("topk_masks: tensors must be all DTensors (sharded) or all plain tensors")
+    return flags == {True}
+
+
+def _topk_masks_sharded(tensors, **kwargs):
+    from .topk_sharded import topk_masks
+    return topk_masks(tensors, **kwargs)
+
+
 def topk_masks(
     tensors: Sequence[Tensor],
     *,
@@ -266,6 +308,10 @@ def topk_masks(
       apply), the k largest blocks over all tensors (k and N count blocks), expanded to element
       masks; threshold: the k-th largest block score.
 
+    DTensors sharded on their rows (FSDP2 parameters) are ranked as the whole tensors, rank by rank
+    without gathering them (scopes global, tensor, row, nm; see ``topk_sharded``); their masks are
+    DTensors sharded alike.
+
     Raises ValueError for bad arguments; RuntimeError (from the op) for NaN/Inf inputs.
     """
     tensors = list(tensors)
@@ -283,6 +329,8 @@ def topk_masks(
         for i, x in enumerate(tensors):
             if x.shape[-1] % m:
                 raise ValueError(f"topk_masks: the last dimension of tensors[{i}] ({x.shape[-1]}) must be divisible by m={m}")
+        if _sharded(tensors):
+            return _topk_masks_sharded(tensors, k=k, sparsity=sparsity, scope=scope, use_abs=use_abs, n=n, m=m)
         masks = [nm_mask(x, n, m, use_abs) for x in tensors]
         return masks, torch.stack([_min_kept(x, mk, use_abs) for x, mk in zip(tensors, masks)])
     if (k is None) == (sparsity is None):
@@ -291,6 +339,8 @@ def topk_masks(
         raise ValueError(f"topk_masks: sparsity must be in [0, 1), got {sparsity}")
     if any(x.dim() == 0 for x in tensors):
         raise ValueError("topk_masks: every tensor needs at least one dimension")
+    if _sharded(tensors):
+        return _topk_masks_sharded(tensors, k=k, sparsity=sparsity, scope=scope, use_abs=use_abs, n=n, m=m)
 
     if scope == "global":
         return topk_mask(tensors, _kept(sum(x.numel() for x in tensors), k, sparsity, "all tensors"), use_abs)

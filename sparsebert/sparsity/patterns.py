@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..distributed import is_sharded
 from ..families import matrix_role
 from ..ops import kept_count as _kept
 from ..registry import Registry
@@ -89,6 +90,9 @@ def structured(imp: Importance, sparsity: float, *, names: list[str], num_heads:
     """Prune the same fraction of attention heads and of FFN neurons (so about `sparsity` of the weights),
     ranked over all layers (scope "global") or within each layer (scope "tensor")."""
     _check(sparsity)
+    if any(is_sharded(t) for t in imp.tensors):
+        raise ValueError("the structured pattern ranks heads and neurons over whole matrices and does not run on "
+                         "FSDP2-sharded weights: use DDP (--distributed ddp) for it")
     keys = [t.abs() if imp.use_abs else t for t in imp.tensors]
     layers = encoder_layers(names)
     heads, neurons = [], []

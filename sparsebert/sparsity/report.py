@@ -3,22 +3,32 @@
 A weight is kept when it is non-zero and, in a MaskedLinear, its mask bit is set; so a masked model
 and its plain export (pruned weights stored as zeros) report the same numbers, and a plain model is
 measured by its zeros. Movement scores and masks are bookkeeping, not parameters, and are not counted.
+A model sharded by FSDP2 is counted shard by shard (every rank must call sparsity_report then).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .. import distributed as D
 from ..families import matrix_role
 from .modules import MaskedLinear
 
 
 def kept_weights(module: nn.Linear) -> torch.Tensor:
-    """Boolean map of the weights of a linear layer that count."""
-    kept = module.weight != 0
+    """Boolean map of the weights of a linear layer that count (of this rank's shard under FSDP2)."""
+    kept = D.local(module.weight) != 0
     if isinstance(module, MaskedLinear):
-        kept &= module.dense_mask()
+        kept &= D.local_rows(module.dense_mask(), module.weight)
     return kept
+
+
+def _count(kept: torch.Tensor, param) -> int:
+    """Kept weights of a whole parameter: summed over the shards of an FSDP2 one (a collective)."""
+    n = kept.sum().reshape(1)
+    if D.is_sharded(param):
+        D.all_reduce(n, D.shard_group(param))
+    return int(n)
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -36,7 +46,7 @@ def sparsity_report(model: nn.Module) -> dict:
         place = matrix_role(name)
         if not isinstance(module, nn.Linear) or (place is None and not isinstance(module, MaskedLinear)):
             continue
-        nnz = int(kept_weights(module).sum())
+        nnz = _count(kept_weights(module), module.weight)
         numel = module.weight.numel()
         matrices.append({"name": name, "layer": place[0] if place else None, "role": place[1] if place else None,
                          "masked": isinstance(module, MaskedLinear), "shape": list(module.weight.shape),
@@ -53,7 +63,7 @@ def sparsity_report(model: nn.Module) -> dict:
             continue
         seen.add(id(param))
         all_numel += param.numel()
-        all_nnz += counted[id(param)] if id(param) in counted else int((param != 0).sum())
+        all_nnz += counted[id(param)] if id(param) in counted else _count(D.local(param) != 0, param)
     return {
         "overall": _summary(encoder)["sparsity"],
         "layers": {k: _summary(v)["sparsity"] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))},

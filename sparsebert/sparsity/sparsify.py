@@ -6,6 +6,7 @@ import re
 
 from torch import nn
 
+from ..distributed import is_sharded
 from ..families import encoder_matrices_regex
 from .modules import MaskedLinear
 
@@ -51,6 +52,10 @@ def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None) -> d
     selected = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.selects(n)]
     if not selected:
         raise ValueError(f"sparsify: no nn.Linear module matches {config.include}")
+    sharded = [n for n, m in selected if not isinstance(m, MaskedLinear) and is_sharded(m.weight)]
+    if sharded:
+        raise ValueError(f"sparsify: {sharded[0]} is already sharded by FSDP2 (fully_shard): sparsify the model (or "
+                         "set the pruning method up) first, then fully_shard it")
     for name, module in selected:
         if isinstance(module, MaskedLinear):
             continue

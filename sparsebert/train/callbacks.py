@@ -5,10 +5,13 @@ progress bar after the checkpoint, whose on_train_begin restores the step the ba
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from tqdm.auto import tqdm
 
+from . import checkpointing
+from .distributed import from_main
 from .logs import bars_enabled
 from .runs import Run, kill_hook
 from .trainer import Callback, StepLog, Trainer
@@ -76,8 +79,14 @@ class Checkpoint(Callback):
         if ckpt is None:  # killed before its first checkpoint: start over, forgetting what it logged
             self.run.truncate_metrics(0)
             return
-        state = Run.load_checkpoint(ckpt, trainer.model, trainer.optimizer, trainer.method, trainer.scaler)
+        model, optimizer = checkpointing.for_restore(trainer.model, trainer.optimizer)
+        state = Run.load_checkpoint(ckpt, model, optimizer, trainer.method, trainer.scaler)
         trainer.load_state_dict(state)
+        checkpointing.restore_rank_rng(state.get("rank_rng"))
+        saved_world = len(state.get("rank_rng") or []) or 1
+        if saved_world != trainer.dist.world:
+            log.info(f"[{trainer.label}] resuming a run of {saved_world} process(es) with {trainer.dist.world}: the same "
+                       "global batches in the same order; dropout draws differ from the uninterrupted run")
         self.run.truncate_metrics(trainer.step)
         log.info(f"[{trainer.label}] resumed from {ckpt} at step {trainer.step}/{trainer.total_steps}")
 
@@ -90,13 +99,14 @@ class Checkpoint(Callback):
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> None:
-        self.run.save_checkpoint(trainer.step, trainer.model, trainer.optimizer, trainer.method,
-                                 trainer.state_dict(), keep=self.keep, scaler=trainer.scaler)
+        model, optimizer, rank_rng = checkpointing.for_checkpoint(trainer.model, trainer.optimizer)
+        self.run.save_checkpoint(trainer.step, model, optimizer, trainer.method, {**trainer.state_dict(), "rank_rng": rank_rng},
+                                 keep=self.keep, scaler=trainer.scaler)
 
 
 class TimeLimit(Callback):
-    """End training once `seconds` have passed in this process; the stage then finishes with the steps
-    it has, and its results and report say so (`stopped`)."""
+    """End training once `seconds` have passed in this invocation (rank 0's clock decides for every
+    rank); the stage then finishes with the steps it has, and its results and report say so (`stopped`)."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -106,18 +116,20 @@ class TimeLimit(Callback):
         self.started = time.time()
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
-        if log.step < trainer.total_steps and time.time() - self.started > self.seconds:
+        if log.step < trainer.total_steps and from_main(lambda: time.time() - self.started > self.seconds):
             trainer.stopped = f"time limit of {self.seconds:g} s reached"
 
 
 class KillHook(Callback):
-    """SPARSEBERT_KILL_AT=[<run dir name>@]step:N kills the process after step N (resume tests)."""
+    """SPARSEBERT_KILL_AT=[<run dir name>@]step:N kills the process after step N (resume tests); with
+    SPARSEBERT_KILL_RANK=R, only rank R of a distributed job."""
 
     def __init__(self, where: str):
         self.where = where
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
-        kill_hook("step", log.step, self.where)
+        if os.environ.get("SPARSEBERT_KILL_RANK", str(trainer.dist.rank)) == str(trainer.dist.rank):
+            kill_hook("step", log.step, self.where)
 
 
 class ProgressBar(Callback):
@@ -130,7 +142,7 @@ class ProgressBar(Callback):
     def on_train_begin(self, trainer: Trainer) -> None:
         self.started, self.start_step = time.time(), trainer.step
         self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=trainer.label, unit="step",
-                        dynamic_ncols=True, mininterval=2.0, disable=not bars_enabled())
+                        dynamic_ncols=True, mininterval=2.0, disable=not (bars_enabled() and trainer.dist.is_main))
 
     def on_step_end(self, trainer: Trainer, log: StepLog) -> None:
         self.bar.update(1)

@@ -7,6 +7,7 @@ import sys
 from . import config as C
 from . import default, logs
 from .errors import ConfigError, TrainError
+from .distributed import error_prefix, launched_world
 from .pipeline import run_command
 from .runs import Run
 
@@ -34,6 +35,8 @@ Examples:
   python -m sparsebert.train pipeline --method prune-ofa --corpus ../shared/data/wikitext-2/valid.txt \\
       --tasks sst2,rte --data-dir ../shared/data/glue --set method.sparsity=0.9
   python -m sparsebert.train --resume runs/20260101-120000-pipeline
+  torchrun --nproc_per_node=2 -m sparsebert.train downstream --method sparsebert-kap --task sst2 ...
+      (one job over 2 processes: --batch-size is the global batch; see docs/DISTRIBUTED.md)
 """
 
 OVERRIDES = """\
@@ -54,7 +57,7 @@ SHORTCUTS = {
     "batch_size": "training.batch_size", "lr": "training.lr", "seed": "training.seed",
     "out": "run.out_dir", "run_dir": "run.dir", "device": "run.device", "precision": "run.precision",
     "threads": "run.threads", "recipe": "run.recipe", "time_limit": "run.time_limit",
-    "keep_checkpoints": "training.keep_checkpoints",
+    "keep_checkpoints": "training.keep_checkpoints", "distributed": "run.distributed", "dist_backend": "run.dist_backend",
 }
 
 
@@ -93,6 +96,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="checkpoints kept once a stage is done (default 1; 0: none, the exported model stays)")
     g.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="end each stage's training after this many seconds; its results and report say so")
+    g.add_argument("--distributed", choices=["auto", "ddp", "fsdp", "none"],
+                   help="under torchrun: ddp (the default) or fsdp (FSDP2, sharded per encoder layer); see docs/DISTRIBUTED.md")
+    g.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], help="torch.distributed backend (auto: nccl on CUDA, gloo on CPU)")
     g.add_argument("--smoke", action="store_true", help="reduced steps and data (same code path)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; continue with --resume <run dir>", file=sys.stderr)
         return 130
     except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{error_prefix()}error: {e}", file=sys.stderr)
         return 2
 
 
@@ -178,5 +184,8 @@ def _main(argv: list[str]) -> int:
     args, extra = parser.parse_known_args(argv)
     user = user_overrides(args, extra)
     if args.stage == "default":
+        if launched_world() > 1:
+            raise ConfigError("the embedded default run is a single-process demo with a time budget; under torchrun "
+                              "run a stage or `pipeline` (see docs/DISTRIBUTED.md)")
         return default.main(user, smoke=args.smoke, print_config=args.print_config, resume=args.resume)
     return run_command(args.stage, user, resume=args.resume, print_config=args.print_config)

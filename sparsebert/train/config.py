@@ -80,6 +80,8 @@ DEFAULTS: dict[str, Any] = {
         "precision": "fp32",       # fp32 | bf16 | fp16 (fp16 needs cuda)
         "threads": None,           # torch CPU threads; None = torch's default
         "time_limit": None,        # seconds of training per stage and invocation; a stage cut short says so
+        "distributed": "auto",     # under torchrun: auto (= ddp) | ddp | fsdp (FSDP2 per encoder layer); none alone
+        "dist_backend": "auto",    # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
         "smoke": False,            # reduced steps and data, same code path (tests)
         "recipe": None,            # upstream/downstream: a recipe name of the method (downstream-qat, structured;
                                    # None = the stage's name) or a recipe file of your own (its method.name)
@@ -88,7 +90,8 @@ DEFAULTS: dict[str, Any] = {
 
 STAGE_SECTIONS = ("teacher", "upstream", "downstream", "evaluate")
 # keys of `run` that may differ between an interrupted run and its --resume
-RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir", "run.time_limit")
+RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir", "run.time_limit", "run.distributed",
+               "run.dist_backend")
 
 
 def parse_value(text: str) -> Any:

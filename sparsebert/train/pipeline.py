@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from . import config as C
+from . import distributed
 from .errors import ConfigError
 from .report import write_pipeline_report
 from .runs import Run
@@ -67,31 +68,36 @@ def run_pipeline(pcfg: dict, run: Run) -> dict:
     stages = []
     for name, cfg in pcfg["stages"].items():
         sub_dir = run.dir / name
-        if (sub_dir / "config.json").is_file():
-            sub, resumed = Run.open(sub_dir), True
+        if distributed.from_main(lambda: (sub_dir / "config.json").is_file()):
+            sub, resumed = distributed.run_class().open(sub_dir), True
             sub.check_same_config(cfg)
         else:
-            sub, resumed = Run.create(cfg, sub_dir), False
-        if sub.done:
+            sub, resumed = distributed.create_run(cfg, sub_dir), False
+        if distributed.from_main(lambda: sub.done):
             log.info(f"[pipeline] {name}: done earlier, reusing {sub_dir}")
         results = run_stage(cfg, sub, resumed=resumed)
         stages.append({"name": name, "stage": cfg["stage"], "task": cfg["data"]["task"] if cfg["stage"] != "upstream"
                        else "corpus", "method": cfg["method"]["name"], "results": results})
-        write_pipeline_report(run.dir, stages)
+        if distributed.current().is_main:
+            write_pipeline_report(run.dir, stages)
     summary = {"stage": "pipeline", "stages": {s["name"]: s["results"] for s in stages}}
     run.finish(summary)
-    write_pipeline_report(run.dir, stages)
+    if distributed.current().is_main:
+        write_pipeline_report(run.dir, stages)
     return summary
 
 
 def print_plan(cfg: dict) -> None:
     stages = cfg["stages"] if cfg["stage"] == "pipeline" else {cfg["stage"]: cfg}
-    lines = ["plan:"]
+    d = distributed.current()
+    lines = ["plan:" + (f" {d.mode} over {d.world} processes ({d.backend}); batch = global batch = per-rank batch x "
+                        f"{d.world}" if d.active else "")]
     for name, s in stages.items():
         t = s["training"]
         steps = f"{t['max_steps']} steps" if t["max_steps"] else f"{t['epochs']} epoch(s)"
         what = s["data"]["task"] if s["stage"] != "upstream" else f"corpus {s['data']['corpus']}"
-        lines.append(f"  {name:<22} {s['method']['name']:<14} {what:<28} {steps}, batch {t['batch_size']}, lr {t['lr']}")
+        per_rank = f" ({t['batch_size'] // d.world} per rank)" if d.active else ""
+        lines.append(f"  {name:<22} {s['method']['name']:<14} {what:<28} {steps}, batch {t['batch_size']}{per_rank}, lr {t['lr']}")
     log.info("\n".join(lines))
 
 
@@ -108,6 +114,7 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
         saved = run.saved_config()
         if saved["stage"] != stage:
             raise ConfigError(f"{resume} is a {saved['stage']} run, not {stage}")
+        saved, user = distributed.launch_settings(saved, user)
         if user:  # what the command line says must agree with the run being resumed
             now = _resolve(stage, user)
             if stage == "pipeline":
@@ -124,25 +131,33 @@ def run_command(stage: str, user: dict, resume: str | None = None, print_config:
             preflight(c, model_exists=c["stage"] != "downstream")
     else:
         preflight(cfg)
+    distributed.start(cfg["run"])
+    try:
+        return _run(stage, cfg, resume, plan_note)
+    finally:
+        distributed.stop()
+
+
+def _run(stage: str, cfg: dict, resume: str | None, plan_note: str | None) -> int:
     if resume:  # a corrupted checkpoint is refused now, not after the models are built
         subs = [Path(resume) / name for name in cfg["stages"]] if stage == "pipeline" else [Path(resume)]
         for sub in subs:
             if (sub / "config.json").is_file() and not Run(sub).done:
                 ckpt = Run(sub).latest_checkpoint()
                 if ckpt is not None:
-                    Run.verify(ckpt)
+                    distributed.from_main(lambda: Run.verify(ckpt))
     if plan_note:
         log.info(plan_note)
     print_plan(cfg)
     started = time.time()
     if resume:
-        run = Run.open(resume)
+        run = distributed.run_class().open(resume)
     else:
-        path = Run.new_path(cfg)
+        path = distributed.from_main(lambda: Run.new_path(cfg))
         cfg["run"]["dir"] = str(path)
         if stage == "pipeline":
             cfg["stages"] = dict(link_plan(list(cfg["stages"].items()), path))
-        run = Run.create(cfg, path)
+        run = distributed.create_run(cfg, path)
     log.info(f"run dir: {run.dir}")
     if stage == "pipeline":
         run_pipeline(cfg, run)

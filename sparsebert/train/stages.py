@@ -16,7 +16,8 @@ from ..data import glue
 from ..data import text as T
 from ..methods import MethodContext, NotRegistered, get_method
 from ..sparsity import sparsity_report
-from . import callbacks, runtime
+from . import callbacks, distributed, runtime
+from .checkpointing import plain_copy
 from .errors import StageError
 from .inputs import corpus_objective, make_inputs, on_corpus
 from .models import check_model, export_model, frozen, load_model, load_tokenizer, quiet_transformers
@@ -73,6 +74,7 @@ def preflight(cfg: dict, *, model_exists: bool = True) -> None:
         if missing:
             raise StageError(f"method {cfg['method']['name']!r} trains against the {' and '.join(missing)} model: "
                              + " and ".join(f"pass --{role} DIR" for role in missing) + " (or run `pipeline`)")
+    distributed.preflight(cfg, model_exists)
     if not model_exists:  # a pipeline's downstream: its models are written by the earlier stages
         return
     check_model(cfg["model"]["name"])
@@ -110,15 +112,17 @@ def _models(cfg: dict, inputs, device: torch.device):
 def _reference(run: Run, inputs, teacher) -> dict | None:
     """The dense reference's metrics, measured once per run (kept across resume)."""
     path = run.dir / "reference.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    saved = distributed.from_main(lambda: json.loads(path.read_text()) if path.is_file() else None)
+    if saved is not None:
+        return saved
     if teacher is None:
         return None
     with torch.no_grad():
         reference = inputs.reference(teacher)
     reference["sparsity"] = sparsity_report(teacher)["overall"]
     reference["model"] = inputs.reference_name
-    atomic_write_text(path, json.dumps(reference))
+    if distributed.current().is_main:
+        atomic_write_text(path, json.dumps(reference))
     return reference
 
 
@@ -130,8 +134,8 @@ def eval_every(training: dict, total_steps: int, budget_size: int) -> int:
 
 def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     """Train (or evaluate) one stage into `run`; returns its results (also in done.json)."""
-    if run.done:
-        return run.results()
+    if distributed.from_main(lambda: run.done):
+        return distributed.from_main(run.results)
     quiet_transformers()
     device = runtime.apply(cfg["run"])
     stage, t = cfg["stage"], cfg["training"]
@@ -149,9 +153,13 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
         results = {"stage": stage, "objective": inputs.objective, "final": res, "reference": None, "steps": 0,
                    "train_size": 0, "time_s": time.time() - started, "model_dir": cfg["model"]["name"],
                    "sparsity": sparsity_report(student)}
-        run.log({"kind": "eval", "step": 0, **res})
-        run.finish(results)
-        write_stage_report(run, cfg, results)
+
+        def finish() -> dict:
+            run.log({"kind": "eval", "step": 0, **res})
+            run.finish(results)
+            write_stage_report(run, cfg, results)
+            return results
+        results = distributed.from_main(finish)
         log.info("[evaluate] %s", json.dumps({k: round(v, 4) for k, v in res.items()}))
         return results
 
@@ -167,25 +175,33 @@ def run_stage(cfg: dict, run: Run, resumed: bool = False) -> dict:
     except ValueError as e:
         raise StageError(f"method {cfg['method']['name']!r} cannot run stage {stage}: {e}") from None
     student.to(device)
+    distributed.check_tail(len(inputs.train), t["batch_size"], total_steps, steps_per_epoch)
+    ctx.student = distributed.wrap(student, device, unused_parameters=inputs.objective == "representation")
     label = stage if stage == "upstream" else f"{stage}-{cfg['data']['task']}"
-    trainer = Trainer(method=method, model=student, train_features=inputs.train, make_batch=inputs.batch, training=t,
+    trainer = Trainer(method=method, model=ctx.student, train_features=inputs.train, make_batch=inputs.batch, training=t,
                       total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=device,
                       precision=cfg["run"]["precision"], evaluate=evaluate, label=label, started=started,
                       callbacks=callbacks.for_run(run, t, eval_every(t, total_steps, inputs.budget_size), resumed,
                                                   cfg["run"]["time_limit"]))
     log.info(f"[{label}] {cfg['method']['name']} | objective {inputs.objective} | {len(inputs.train)} examples | "
-             f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}")
+             f"{total_steps} steps ({steps_per_epoch}/epoch) | device {device} {cfg['run']['precision']}"
+             + (f" | {trainer.dist.describe(t['batch_size'])}" if trainer.dist.active else ""))
     final = trainer.fit()
-    model_dir = export_model(student, tokenizer, run.dir / "model")
-    from transformers import AutoModel
-    sparsity = sparsity_report(AutoModel.from_pretrained(model_dir))
+    plain = plain_copy(student)  # rank 0's; under FSDP2 every rank gathers its shards
     final = {k: v for k, v in final.items() if k not in ("kind", "step")}
-    results = {"stage": stage, "objective": inputs.objective, "final": final, "reference": reference,
-               "steps": trainer.step, "planned_steps": total_steps, "stopped": trainer.stopped,
-               "train_size": len(inputs.train), "time_s": trainer.elapsed(),
-               "model_dir": str(model_dir), "sparsity": sparsity, "method_state_keys": sorted(method.state_dict())}
-    run.finish(results)
-    run.prune_checkpoints(t["keep_checkpoints"])
-    write_stage_report(run, cfg, results)
+
+    def finish() -> dict:
+        model_dir = export_model(plain, tokenizer, run.dir / "model")
+        from transformers import AutoModel
+        results = {"stage": stage, "objective": inputs.objective, "final": final, "reference": reference,
+                   "steps": trainer.step, "planned_steps": total_steps, "stopped": trainer.stopped,
+                   "train_size": len(inputs.train), "time_s": trainer.elapsed(), "model_dir": str(model_dir),
+                   "sparsity": sparsity_report(AutoModel.from_pretrained(model_dir)),
+                   "method_state_keys": sorted(method.state_dict())}
+        run.finish(results)
+        run.prune_checkpoints(t["keep_checkpoints"])
+        write_stage_report(run, cfg, results)
+        return results
+    results = distributed.from_main(finish)
     log.info(f"[{label}] done in {results['time_s']:.0f} s; report: {run.dir / 'report.md'}")
     return results

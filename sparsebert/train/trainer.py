@@ -6,6 +6,10 @@ Each step: the epoch's deterministic order gives the batch, every param group's 
 `method.lr_at(step, lr)` (optimizers apply a group's own `lr_scale`), the method's loss is
 back-propagated (mixed precision as asked), gradients are clipped, the optimizer steps, then
 `method.after_step(step)` (pruning events). Callbacks run in list order.
+
+Under torchrun (see distributed.py) every rank runs this loop on its rows of the same global batch
+(`training.batch_size`), its losses averaged over the global batch (sparsebert.distributed.
+global_batch), and logs the global loss.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import distributed as D
 from ..data.order import epoch_order
+from .distributed import Dist, current, mean_over_ranks, take_rows
 from .runtime import autocast, move, seed_everything
 
 
@@ -56,7 +62,7 @@ class Trainer:
     def __init__(self, *, method, model: torch.nn.Module, train_features: list, make_batch: Callable[[list, int], dict],
                  training: dict, total_steps: int, steps_per_epoch: int, device: torch.device, precision: str = "fp32",
                  evaluate: Callable[[], dict] | None = None, callbacks: Sequence[Callback] = (), label: str = "train",
-                 started: float | None = None):
+                 started: float | None = None, dist: Dist | None = None):
         self.method, self.model = method, model
         self.train_features, self.make_batch, self._evaluate = train_features, make_batch, evaluate
         self.training = training
@@ -64,6 +70,7 @@ class Trainer:
         self.device, self.precision = device, precision
         self.callbacks = list(callbacks)
         self.label = label
+        self.dist = current() if dist is None else dist
         self.optimizer = method.optimizer(training["lr"], training["weight_decay"])
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.step = 0
@@ -113,8 +120,10 @@ class Trainer:
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(len(self.train_features), self.training["seed"], epoch, lengths, bs), epoch
             idx = order[pos * bs:(pos + 1) * bs].tolist()
-            batch = move(self.make_batch([self.train_features[i] for i in idx], self.step), self.device)
-            log = self._step(batch)
+            # every rank collates the global batch (its padding, its MLM corruption) and keeps its rows
+            rows, sizes = self.dist.split(len(idx))
+            batch = take_rows(self.make_batch([self.train_features[i] for i in idx], self.step), rows, len(idx))
+            log = self._step(move(batch, self.device), sizes)
             for cb in self.callbacks:
                 cb.on_step_end(self, log)
         if self._evaluate is not None and (not self.evals or self.evals[-1]["step"] != self.step):
@@ -123,14 +132,16 @@ class Trainer:
             cb.on_train_end(self)
         return self.evals[-1] if self.evals else {}
 
-    def _step(self, batch: dict) -> StepLog:
+    def _step(self, batch: dict, sizes: list[int]) -> StepLog:
         lr = self.method.lr_at(self.step, self.training["lr"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision), D.global_batch(sizes[self.dist.rank], sizes=sizes):
             loss, logs = self.method.training_loss(batch, self.step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{self.label}] loss is {loss.item()} at step {self.step}")
+        loss_value, *terms = mean_over_ranks([loss.item(), *logs.values()])
+        logs = dict(zip(logs, terms))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"[{self.label}] loss is {loss_value} at step {self.step}")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -147,5 +158,5 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         events = self.method.after_step(self.step) or {}
         self.step += 1
-        return StepLog(self.step, loss.item(), lr, {k: float(v) for k, v in logs.items()},
+        return StepLog(self.step, loss_value, lr, {k: float(v) for k, v in logs.items()},
                        {k: float(v) for k, v in events.items()})
