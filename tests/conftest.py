@@ -1,3 +1,5 @@
+import fractions
+import math
 import os
 import pathlib
 
@@ -18,6 +20,12 @@ requires_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"needs the shared 
 def devices():
     """The devices every op test runs on: cpu, and cuda when present."""
     return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+def kept_oracle(count: int, sparsity: float) -> int:
+    """Weights a sparsity keeps out of count by the documented rule: floor of the exact product of
+    count and the decimal the sparsity is written as (its repr)."""
+    return count - math.floor(fractions.Fraction(repr(sparsity)) * count)
 
 
 def pytest_configure(config):
