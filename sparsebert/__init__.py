@@ -24,9 +24,14 @@ from . import ops, optim  # noqa: E402,F401
 
 
 def __getattr__(name: str):
-    # sparsebert.sparsify without importing transformers/safetensors on every `import sparsebert`.
+    # sparsebert.sparsify and sparsebert.Pruning without importing transformers/safetensors on every
+    # `import sparsebert`.
     if name == "sparsify":
         from .sparsity import sparsify
 
         return sparsify
+    if name == "Pruning":
+        from .integrations import Pruning
+
+        return Pruning
     raise AttributeError(f"module 'sparsebert' has no attribute {name!r}")

@@ -50,7 +50,7 @@ from . import zeros
 from .ops.mask import unpack_mask
 from .ops.optim_step import masked_adamw_, masked_sgd_
 
-__all__ = ["MaskChanged", "MaskedAdamW", "MaskedSGD"]
+__all__ = ["MaskChanged", "MaskedAdamW", "MaskedOptimizer", "MaskedSGD"]
 
 
 class MaskChanged(RuntimeError):
@@ -65,7 +65,7 @@ def _keep(mask: Tensor, param: Tensor) -> Tensor:
     return unpack_mask(mask, param.shape[-1])
 
 
-class _MaskedOptimizer(Optimizer):
+class MaskedOptimizer(Optimizer):
     """What MaskedAdamW and MaskedSGD share: masks, lazy (compact) state, state_dict."""
 
     #: the names of the per-parameter state tensors
@@ -268,7 +268,7 @@ class _MaskedOptimizer(Optimizer):
             }
 
 
-class MaskedAdamW(_MaskedOptimizer):
+class MaskedAdamW(MaskedOptimizer):
     """torch.optim.AdamW over masked parameters, one fused kernel per step (see module doc)."""
 
     _state_names = ("exp_avg", "exp_avg_sq")
@@ -294,7 +294,7 @@ class MaskedAdamW(_MaskedOptimizer):
                   group["weight_decay"], group["maximize"])
 
 
-class MaskedSGD(_MaskedOptimizer):
+class MaskedSGD(MaskedOptimizer):
     """torch.optim.SGD (momentum, dampening, Nesterov, weight decay) over masked parameters."""
 
     _state_names = ("momentum_buffer",)
@@ -330,7 +330,7 @@ def _after_any_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
     their masks, and say so once per optimizer (see sparsebert.zeros)."""
     if isinstance(getattr(optimizer, "optimizer", None), Optimizer):
         return  # a wrapper (accelerate's AcceleratedOptimizer): the inner optimizer's step is hooked itself
-    mask_of = optimizer.mask_of if isinstance(optimizer, _MaskedOptimizer) else None
+    mask_of = optimizer.mask_of if isinstance(optimizer, MaskedOptimizer) else None
     rezeroed = 0
     for group in optimizer.param_groups:
         for param in group["params"]:

@@ -8,7 +8,7 @@ from conftest import kept_oracle
 from tinybert import batch, classifier, context, encoder, train
 from transformers import BertForMaskedLM
 
-from sparsebert.methods import METHODS, get_method, load_recipe
+from sparsebert.methods import METHODS, get_method, load_recipe, model_inputs
 from sparsebert.methods.baselines import small_dense
 from sparsebert.sparsity import masked_modules, sparsity_report
 
@@ -258,3 +258,29 @@ def test_lr_scales_give_matching_parameters_their_own_lr():
 def test_lr_scales_are_checked(spec, message):
     with pytest.raises(ValueError, match=message):
         get_method("gradual-magnitude", lr_scales=spec)
+
+
+def test_cap_without_batch_index_says_what_it_needs():
+    method = get_method("cap")
+    method.setup(context(classifier(0), classifier(1).eval(), encoder(0)))
+    b = batch(0)
+    del b["index"]
+    with pytest.raises(ValueError, match=r"needs batch\['index'\]: the index of each example in the training set, "
+                                         r"in \[0, 16\)"):
+        method.training_loss(b, 0)
+
+
+@pytest.mark.parametrize("case", ["sparsebert-kap", "cap-movement", "oneshot-magnitude"])
+def test_loss_from_outputs_of_the_callers_forward_is_the_training_loss(case):
+    name, kw = CASES[case]
+    losses = []
+    for own_forward in (True, False):
+        method = get_method(name, **kw)
+        student = classifier(0)
+        method.setup(context(student, classifier(1).eval(), encoder(0)))
+        b = batch(0)
+        if own_forward:
+            losses.append(method.training_loss(b, 0)[0])
+        else:
+            losses.append(method.loss_from_outputs(b, student(**model_inputs(b), **method.forward_kwargs()), 0)[0])
+    assert torch.equal(*losses)

@@ -66,6 +66,8 @@ class SmallDense(Method):
         super().__init__(warmup_ratio=warmup_ratio)
         self.sparsity, self.num_layers = sparsity, num_layers
 
-    def setup(self, ctx) -> None:
-        super().setup(ctx)
-        small_dense(ctx.student, sparsity=self.sparsity, num_layers=self.num_layers)
+    def adapt(self, model: nn.Module) -> None:
+        """Drop layers, once: a model already made small keeps its layers."""
+        if not getattr(model, "sparsebert_small_dense", False):
+            small_dense(model, sparsity=self.sparsity, num_layers=self.num_layers)
+            model.sparsebert_small_dense = True
