@@ -138,7 +138,7 @@ class Pruning:
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, lr: float | None = None,
                 weight_decay: float = 0.01, total_steps: int | None = None, train_size: int | None = None,
-                resume: Mapping | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+                resume: Mapping | None = None, replace_optimizer: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Set the method up on `model` (in place: sparsify, the pruning at step 0) and return the model
         and the optimizer to step. Without `optimizer`: the method's own (MaskedAdamW with its param
         groups) at `lr` and `weight_decay`. A fresh torch.optim.AdamW or SGD is replaced by the
@@ -146,6 +146,7 @@ class Pruning:
         other optimizer is kept (pruned weights are then re-zeroed after its steps, with a warning).
         Parameters the method adds (movement scores) join the optimizer in their own group. Call it
         before building an LR scheduler on the optimizer (or use :meth:`lr_scheduler`).
+        `replace_optimizer=False` keeps the very optimizer object given (for a loop that holds it).
 
         `resume`: a :meth:`state_dict` saved with a checkpoint whose model state `model` already holds
         (call :meth:`adapt` before loading it): weights, masks and scores stay as loaded."""
@@ -176,7 +177,7 @@ class Pruning:
         if resume is not None:
             model.load_state_dict(loaded)
             self.load_state_dict(resume)
-        self.model, self.optimizer = model, self._optimizer(optimizer, lr, weight_decay)
+        self.model, self.optimizer = model, self._optimizer(optimizer, lr, weight_decay, replace_optimizer)
         if self.method.forward_kwargs():
             self._hook = model.register_forward_pre_hook(self._forward_kwargs, with_kwargs=True)
         return model, self.optimizer
@@ -186,8 +187,8 @@ class Pruning:
             return args, {**kwargs, **self.method.forward_kwargs()}
         return None
 
-    def _optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
-                   weight_decay: float) -> torch.optim.Optimizer:
+    def _optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None, weight_decay: float,
+                   replace: bool) -> torch.optim.Optimizer:
         method = self.method
         if optimizer is None:
             return method.optimizer(lr, weight_decay)
@@ -195,7 +196,7 @@ class Pruning:
             raise ValueError(f"method {method.name!r} sets lr_scales, which only its own optimizer applies: call "
                              "prepare(model, lr=...) without an optimizer")
         masks = method.optimizer_masks()
-        if type(optimizer) in (torch.optim.AdamW, torch.optim.SGD) and not optimizer.state:
+        if replace and type(optimizer) in (torch.optim.AdamW, torch.optim.SGD) and not optimizer.state:
             optimizer = self._masked_twin(optimizer)
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for group in method.added_param_groups():
