@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["MODEL_INPUTS", "OBJECTIVES", "TASK_OBJECTIVES", "model_inputs", "task_loss"]
+
 OBJECTIVES = ("classification", "regression", "mlm", "representation")
 TASK_OBJECTIVES = ("classification", "regression")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import ParamsT, register_optimizer_step_post_hook
 
 from . import zeros
 from .ops.mask import unpack_mask
@@ -71,7 +71,7 @@ class MaskedOptimizer(Optimizer):
     #: the names of the per-parameter state tensors
     _state_names: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict, masks: Optional[dict] = None):
+    def __init__(self, params: ParamsT, defaults: dict, masks: Optional[dict] = None):
         self._masks: dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
         for param, mask in (masks or {}).items():
@@ -108,6 +108,7 @@ class MaskedOptimizer(Optimizer):
         self._masks[param] = mask
 
     def mask_of(self, param: Tensor) -> Optional[Tensor]:
+        """The packed mask `param` steps with (the tensor given, by reference), or None."""
         return self._masks.get(param)
 
     # -- state -----------------------------------------------------------------------------
@@ -273,7 +274,7 @@ class MaskedAdamW(MaskedOptimizer):
 
     _state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, masks: Optional[dict] = None, compact: bool = False,
                  maximize: bool = False, check_finite: bool = True):
         if not 0.0 <= lr:
@@ -299,7 +300,7 @@ class MaskedSGD(MaskedOptimizer):
 
     _state_names = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, masks: Optional[dict] = None,
                  compact: bool = False, maximize: bool = False, check_finite: bool = True):
         if not 0.0 <= lr:
@@ -351,4 +352,4 @@ def _after_any_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
             zeros.UnmaskedOptimizerWarning, stacklevel=3)
 
 
-register_optimizer_step_post_hook(_after_any_step)
+_STEP_HOOK = register_optimizer_step_post_hook(_after_any_step)

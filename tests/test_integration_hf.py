@@ -130,12 +130,15 @@ def test_the_bare_callback_with_the_trainers_default_optimizer(env, tmp_path):
     assert sum(m.nnz() for m in modules.values()) == sum(kept_oracle(m.weight.numel(), 0.9) for m in modules.values())
 
 
-def test_the_bare_callback_refuses_a_method_it_cannot_train(env, tmp_path):
-    pruning = sparsebert.Pruning("sparsebert-kap", teacher=load(env["teacher"]))
-    trainer = Trainer(model=load(env["student"]), callbacks=[PruningCallback(pruning)],
-                      **trainer_kwargs(env, tmp_path / "refused", remove_unused_columns=False))
+@pytest.mark.parametrize("method", ["sparsebert-kap", "cap", "prune-ofa"])
+def test_the_bare_callback_refuses_a_method_it_cannot_train_before_any_change(env, tmp_path, method):
+    kw = {"stage": "downstream"} if method == "prune-ofa" else {}
+    pruning = sparsebert.Pruning(method, teacher=load(env["teacher"]), pretrained=load(env["student"]).bert, **kw)
+    student = load(env["student"])
     with pytest.raises(ValueError, match="PruningTrainer"):
-        trainer.train()
+        Trainer(model=student, callbacks=[PruningCallback(pruning)],
+                **trainer_kwargs(env, tmp_path / "refused", remove_unused_columns=False))
+    assert masked_modules(student) == {}
 
 
 class StopAt(TrainerCallback):

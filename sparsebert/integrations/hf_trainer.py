@@ -24,7 +24,7 @@ import pathlib
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .pruning import Pruning
@@ -48,7 +48,7 @@ class PruningCallback(TrainerCallback):
 
     `computes_loss`: the Trainer's ``compute_loss`` returns ``pruning.loss(inputs, outputs)`` (as
     :class:`PruningTrainer`'s does); without it, a method whose loss has more than the task term is
-    refused when training begins, before any step.
+    refused when the Trainer is built, as is one with parameters of its own outside PruningTrainer.
     """
 
     def __init__(self, pruning: Pruning, *, computes_loss: bool = False):
@@ -56,13 +56,24 @@ class PruningCallback(TrainerCallback):
         self.computes_loss = computes_loss
         #: The checkpoint a run resumes from (PruningTrainer.train sets it; else found by the step).
         self.resume_from: str | None = None
+        self._in_pruning_trainer = False  # PruningTrainer builds the optimizer and computes the loss
 
     def on_init_end(self, args, state, control, model=None, **kwargs) -> None:
+        method = self.pruning.method
+        if not self._in_pruning_trainer and method.adds_parameters:
+            raise ValueError(f"method {method.name!r} trains parameters of its own (movement scores) at their own LR, "
+                             "which the Trainer's optimizer does not know: use sparsebert.integrations.hf_trainer."
+                             "PruningTrainer")
+        if not self._in_pruning_trainer and method.adds_loss_terms and not self.computes_loss:
+            raise ValueError(f"method {method.name!r} trains with more than the task loss (distillation, contrastive "
+                             "terms or penalties): use sparsebert.integrations.hf_trainer.PruningTrainer, or a "
+                             "compute_loss that returns pruning.loss(inputs, outputs) with "
+                             "PruningCallback(pruning, computes_loss=True)")
         if model is not None:
             self.pruning.adapt(model)  # before train() loads a checkpoint holding masks and scores
 
-    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, args, state,
-              train_size: int | None, *, replace_optimizer: bool) -> torch.optim.Optimizer:
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, args: TrainingArguments,
+              state: TrainerState, train_size: int | None, *, replace_optimizer: bool) -> torch.optim.Optimizer:
         """Set the method up for a run of `state.max_steps` steps (resuming from the checkpoint of
         `state.global_step` when it is past 0); returns the optimizer to step."""
         resume = None
@@ -79,19 +90,8 @@ class PruningCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None,
                        **kwargs) -> None:
-        if self.pruning.model is not None:
-            return  # PruningTrainer set it up with its optimizer
-        method = self.pruning.method
-        self.start(model, optimizer, args, state, _train_size(train_dataloader), replace_optimizer=False)
-        if method.added_param_groups():
-            raise ValueError(f"method {method.name!r} trains parameters of its own (movement scores) at their own LR, "
-                             "which the Trainer's optimizer does not know: use sparsebert.integrations.hf_trainer."
-                             "PruningTrainer")
-        if method.adds_loss_terms and not self.computes_loss:
-            raise ValueError(f"method {method.name!r} trains with more than the task loss (distillation, contrastive "
-                             "terms or penalties): use sparsebert.integrations.hf_trainer.PruningTrainer, or a "
-                             "compute_loss that returns pruning.loss(inputs, outputs) with "
-                             "PruningCallback(pruning, computes_loss=True)")
+        if self.pruning.model is None:  # (PruningTrainer set it up already, with its optimizer)
+            self.start(model, optimizer, args, state, _train_size(train_dataloader), replace_optimizer=False)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self.pruning.step()
@@ -109,6 +109,7 @@ class PruningTrainer(Trainer):
     def __init__(self, *args: Any, pruning: Pruning, **kwargs: Any):
         self.pruning = pruning
         self.pruning_callback = PruningCallback(pruning, computes_loss=True)
+        self.pruning_callback._in_pruning_trainer = True
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.pruning_callback]
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean

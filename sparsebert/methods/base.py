@@ -19,6 +19,9 @@ from ..sparsity.schedules import linear_warmup_decay
 
 @dataclasses.dataclass
 class MethodContext:
+    """What a method trains on: the student (trained, sparsified in place by setup), the frozen teacher
+    and pre-trained encoder it may learn from, the objective, and the run's sizes (docs/ARCHITECTURE.md)."""
+
     student: nn.Module
     teacher: nn.Module | None
     pretrained: nn.Module | None
@@ -40,6 +43,7 @@ METHODS: Registry[type["Method"]] = Registry("method")
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: register a Method subclass under its `name`."""
     return METHODS.register(cls.name)(cls)
 
 
@@ -110,6 +114,7 @@ class Method:
         return list(groups.values())
 
     def lr_at(self, step: int, base_lr: float) -> float:
+        """The LR of `step` for a base LR: linear warm-up over warmup_ratio of the run, then linear decay."""
         total = self.ctx.total_steps
         return base_lr * linear_warmup_decay(step, total, int(self.warmup_ratio * total))
 
@@ -121,7 +126,13 @@ class Method:
     def adds_loss_terms(self) -> bool:
         """Whether the training loss is more than the task loss of the student's outputs (distillation,
         contrastive terms, penalties): a loop that computes its own task loss must then use
-        loss_from_outputs. Known after setup()."""
+        loss_from_outputs."""
+        return False
+
+    @property
+    def adds_parameters(self) -> bool:
+        """Whether adapt() gives the student trainable parameters of its own (movement scores), which
+        train in added_param_groups() at their own LR."""
         return False
 
     def loss_from_outputs(self, batch: dict, outputs: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -136,11 +147,14 @@ class Method:
         return self.loss_from_outputs(batch, outputs, step)
 
     def after_step(self, step: int) -> dict[str, float]:
+        """After the optimizer step of `step`: pruning events and the like; returns what happened."""
         return {}
 
     def state_dict(self) -> dict:
+        """What resume needs beside the model's and optimizer's state."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict() (after setup and the model state of the same checkpoint)."""
         if state:
             raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")

@@ -172,6 +172,10 @@ class SparseMethod(Method):
         return {**({"output_hidden_states": True} if hidden else {}), **({"output_attentions": True} if attentions else {})}
 
     @property
+    def adds_parameters(self) -> bool:
+        return self.criterion.learns_scores
+
+    @property
     def adds_loss_terms(self) -> bool:
         d = self.distill
         return d.task != 1.0 or d.needs_teacher or self.criterion.penalty is not None or self.contrastive_config is not None

@@ -21,8 +21,8 @@ class MaskedLinear(nn.Linear):
     branched on in a graph).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 *, scores: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, scores: bool = False):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.register_buffer("mask", ops.pack_mask(torch.ones(out_features, in_features, dtype=torch.bool, device=device)))
         if scores:
@@ -35,6 +35,7 @@ class MaskedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, scores: bool = False) -> "MaskedLinear":
+        """A MaskedLinear (all kept) sharing `linear`'s weight and bias Parameters."""
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype, scores=scores)
         # Share the Parameters (not copies): keeps tied weights tied and references held elsewhere valid.
@@ -90,6 +91,7 @@ class MaskedLinear(nn.Linear):
             zeros.register(self.weight, self)
 
     def dense_mask(self) -> torch.Tensor:
+        """The mask as a bool tensor of the weight's shape."""
         return ops.unpack_mask(self.mask, self.in_features)
 
     def effective_weight(self) -> torch.Tensor:
@@ -97,6 +99,7 @@ class MaskedLinear(nn.Linear):
         return self.weight * self.dense_mask().to(self.weight.dtype)
 
     def nnz(self) -> int:
+        """Kept weights (set bits of the mask)."""
         return ops.mask_nnz(self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
