@@ -103,7 +103,7 @@ class SparseMethod(Method):
         return frozenset({"teacher"} if self.distill.needs_teacher or (cc and cc.finetuned) else set()) | \
             frozenset({"pretrained"} if cc and cc.pretrained else set())
 
-    def adapt(self, model) -> None:
+    def adapt(self, model: torch.nn.Module) -> None:
         """MaskedLinear modules (with movement scores when the criterion learns them) at the targets."""
         if self.distill.attention:
             _eager_attention(model)
@@ -180,7 +180,7 @@ class SparseMethod(Method):
         d = self.distill
         return d.task != 1.0 or d.needs_teacher or self.criterion.penalty is not None or self.contrastive_config is not None
 
-    def loss_from_outputs(self, batch: dict, outputs, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_from_outputs(self, batch: dict, outputs: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, d = self.ctx, self.distill
         want_cls = self.contrastive is not None
         if want_cls and "index" not in batch:

@@ -72,7 +72,7 @@ class MaskedLinear(nn.Linear):
     @torch.no_grad()
     def rezero_(self) -> None:
         """Write 0 at the pruned positions of the weight and renew the promise."""
-        self.weight.mul_(self.dense_mask().to(self.weight.dtype))
+        self.weight.mul_(self.dense_mask())
         self.renew_zeros()
 
     def _apply(self, fn, recurse=True):
