@@ -13,12 +13,16 @@ from torch import nn
 
 from .registry import Registry
 
+__all__ = ["FAMILIES", "ROLES", "Family", "UnknownFamily", "encoder_matrices_regex", "family_of", "matrix_role"]
+
 #: The six prunable matrices of an encoder layer, by role.
 ROLES = ("query", "key", "value", "attn-out", "ffn-in", "ffn-out")
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """Where a transformers model family keeps its encoder layers and their six prunable matrices."""
+
     name: str
     model_types: tuple[str, ...]  # transformers `config.model_type` values of the family
     layers: str                   # path of the encoder's layer ModuleList inside the base model
@@ -36,9 +40,11 @@ class Family:
         return rf"(?:^|\.){re.escape(self.layers)}\.(\d+)\.({paths})$"
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        """The model's encoder layers."""
         return _base(model).get_submodule(self.layers)
 
     def set_layer_list(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Replace the model's encoder layers (in place)."""
         parent, _, attr = self.layers.rpartition(".")
         base = _base(model)
         setattr(base.get_submodule(parent) if parent else base, attr, layers)

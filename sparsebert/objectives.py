@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from .distributed import mean_over
 
+__all__ = ["MODEL_INPUTS", "OBJECTIVES", "TASK_OBJECTIVES", "model_inputs", "task_loss"]
+
 OBJECTIVES = ("classification", "regression", "mlm", "representation")
 TASK_OBJECTIVES = ("classification", "regression")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

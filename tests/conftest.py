@@ -1,3 +1,5 @@
+import fractions
+import math
 import os
 import pathlib
 
@@ -40,6 +42,12 @@ def _emulated_param(item) -> EmulatedCuda | None:
     callspec = getattr(item, "callspec", None)
     params = callspec.params.values() if callspec is not None else ()
     return next((v for v in params if isinstance(v, EmulatedCuda)), None)
+
+
+def kept_oracle(count: int, sparsity: float) -> int:
+    """Weights a sparsity keeps out of count by the documented rule: floor of the exact product of
+    count and the decimal the sparsity is written as (its repr)."""
+    return count - math.floor(fractions.Fraction(repr(sparsity)) * count)
 
 
 def pytest_configure(config):

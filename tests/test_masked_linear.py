@@ -195,6 +195,34 @@ def test_non_contiguous_inputs(device, layout, movement):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("movement", [False, True])
+def test_non_contiguous_mask(device, movement):
+    x0, w0, b0, s0, keep, mask = make((6,), 20, 9, device, torch.float32, seed=6)
+    strided = mask.repeat_interleave(2, dim=0)[::2]  # the same bytes, every other row of a larger buffer
+    assert not strided.is_contiguous() and torch.equal(strided, mask)
+    outs = []
+    for m in (mask, strided):
+        x, w, s = leaves(x0, w0, s0)
+        y = movement_linear(x, w, s, m, b0) if movement else masked_linear(x, w, m, b0)
+        y.square().sum().backward()
+        outs.append((y, x.grad, w.grad, s.grad))
+    for a, b in zip(*outs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("movement", [False, True])
+def test_a_strided_mask_of_the_wrong_shape_is_reported_as_a_shape_error(device, movement):
+    x, w, b, s, keep, mask = make((2,), 13, 6, device, torch.float32)
+    wrong = mask.repeat(1, 3)[:, ::2]  # [6, 3] instead of [6, 2], and not contiguous
+    assert not wrong.is_contiguous()
+    for call in (lambda: movement_linear(x, w, s, wrong, b) if movement else masked_linear(x, w, wrong, b),
+                 lambda: ops.movement_linear(x, w, s, wrong, b) if movement else ops.masked_linear(x, w, wrong, b, False)):
+        with pytest.raises(RuntimeError, match=r"mask has shape \[6, 3\]"):
+            call()
+
+
+@pytest.mark.parametrize("device", devices())
 def test_empty_batch(device):
     x0, w0, b0, _, keep, mask = make((0, 3), 10, 4, device, torch.float32)
     x, w, b = leaves(x0, w0, b0)

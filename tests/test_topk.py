@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from conftest import devices
+from conftest import devices, kept_oracle
 from sparsebert.ops import pack_mask, unpack_mask
 from sparsebert.ops import topk as T
 
@@ -160,7 +160,7 @@ def test_global_and_tensor_match_reference(device, dtype, shapes, use_abs):
     xs = make(shapes, dtype, device)
     n = sum(x.numel() for x in xs)
     for sparsity in (0.0, 0.3, 0.9):
-        k = n - math.floor(sparsity * n)
+        k = kept_oracle(n, sparsity)
         masks, t = T.topk_masks(xs, sparsity=sparsity, use_abs=use_abs)
         assert kept(masks, xs) == k
         assert_masks(masks, ref_global(xs, k, use_abs), xs)
@@ -168,7 +168,7 @@ def test_global_and_tensor_match_reference(device, dtype, shapes, use_abs):
         assert float(t) == float(scores.sort(descending=True).values[k - 1])
 
         masks, t = T.topk_masks(xs, sparsity=sparsity, scope="tensor", use_abs=use_abs)
-        want = [ref_global([x], x.numel() - math.floor(sparsity * x.numel()), use_abs)[0] for x in xs]
+        want = [ref_global([x], kept_oracle(x.numel(), sparsity), use_abs)[0] for x in xs]
         assert_masks(masks, want, xs)
         assert t.shape == (len(xs),)
 
@@ -179,7 +179,7 @@ def test_global_and_tensor_match_reference(device, dtype, shapes, use_abs):
 def test_rows_match_reference(device, dtype, shape):
     x = make([shape], dtype, device)[0]
     for sparsity in (0.0, 0.5, 0.95):
-        k = shape[-1] - math.floor(sparsity * shape[-1])
+        k = kept_oracle(shape[-1], sparsity)
         masks, _ = T.topk_masks([x], sparsity=sparsity, scope="row")
         assert_masks(masks, [ref_rows(x, k)], [x])
         assert torch.all(unpack(masks, [x])[0].sum(-1) == k)
@@ -211,7 +211,7 @@ def test_block_matches_reference(device, norm, block):
     xs = [torch.randint(-4, 5, s, generator=g).float().to(device) for s in [(8, 12), (4, 8), (2, 4, 4)]]
     nblocks = sum(x.numel() for x in xs) // (block[0] * block[1])
     for sparsity in (0.0, 0.5, 0.75):
-        k = nblocks - math.floor(sparsity * nblocks)
+        k = kept_oracle(nblocks, sparsity)
         masks, _ = T.topk_masks(xs, sparsity=sparsity, scope="block", block=block, block_norm=norm)
         assert_masks(masks, ref_block(xs, k, block, norm), xs)
         assert kept(masks, xs) == k * block[0] * block[1]
@@ -417,6 +417,27 @@ def test_torch_compile_fullgraph(device):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(*xs), fn(*xs)):
         assert torch.equal(got, want)
+
+
+# --- kept counts ------------------------------------------------------------------------
+
+
+def test_kept_count_takes_decimal_sparsities_exactly():
+    # 0.29 * 100 is 28.999... in binary floating point: a float floor would keep 72.
+    assert T.kept_count(100, 0.29) == 71 and T.kept_count(100, 0.57) == 43 and T.kept_count(100, 0.58) == 42
+    for count in (1, 7, 100, 768, 16384, 589824):
+        for thousandths in range(1000):
+            assert T.kept_count(count, thousandths / 1000) == count - thousandths * count // 1000
+    assert T.kept_count(10, 0.0) == 10 and T.kept_count(10, 1.0) == 0
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        T.kept_count(10, 1.5)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor", "row", "block"])
+def test_topk_masks_keep_the_decimal_count(scope):
+    x = torch.randn(3, 100)
+    masks, _ = T.topk_masks([x[:1].clone()] if scope != "row" else [x], sparsity=0.29, scope=scope, block=(1, 1))
+    assert kept(masks, [x[:1]] if scope != "row" else [x]) == (71 if scope != "row" else 3 * 71)
 
 
 # --- errors -----------------------------------------------------------------------------

@@ -38,13 +38,14 @@ def contrastive_loss(anchors: torch.Tensor, keys: torch.Tensor, positives: torch
 class MemoryBank:
     """Representations of training examples by global index: at most `capacity` of them, float16."""
 
-    def __init__(self, capacity: int, dim: int, device="cpu"):
+    def __init__(self, capacity: int, dim: int, device: torch.device | str = "cpu"):
         self.capacity, self.dim = capacity, dim
         self.feats = torch.zeros(capacity, dim, dtype=torch.float16, device=device)
         self.index = torch.full((capacity,), -1, dtype=torch.long, device=device)
         self.labels = torch.full((capacity,), -1, dtype=torch.long, device=device)
 
     def write(self, index: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store the representations (and labels) of these examples, replacing what their slots held."""
         slot = index % self.capacity
         self.feats[slot] = feats.detach().to(torch.float16)
         self.index[slot] = index
@@ -55,7 +56,8 @@ class MemoryBank:
         slot = index % self.capacity
         return self.feats[slot].float(), self.index[slot] == index
 
-    def sample(self, n: int, generator: torch.Generator, exclude: torch.Tensor | None = None):
+    def sample(self, n: int, generator: torch.Generator,
+               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Up to n stored entries (feats float32, index, labels), uniformly, skipping `exclude` indices."""
         filled = (self.index >= 0).nonzero().squeeze(1)
         if exclude is not None and filled.numel():
@@ -66,9 +68,11 @@ class MemoryBank:
         return self.feats[filled].float(), self.index[filled], self.labels[filled]
 
     def state_dict(self) -> dict:
+        """The tensors to save for resume."""
         return {"feats": self.feats, "index": self.index, "labels": self.labels}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()."""
         for key in ("feats", "index", "labels"):
             getattr(self, key).copy_(state[key])
 
@@ -93,7 +97,7 @@ class ContrastiveConfig:
 class ContrastiveModule:
     """Banks and losses for PrC, SnC and FiC. `loss(...)` is called once per training step."""
 
-    def __init__(self, config: ContrastiveConfig, dim: int, train_size: int, device="cpu"):
+    def __init__(self, config: ContrastiveConfig, dim: int, train_size: int, device: torch.device | str = "cpu"):
         self.config = config
         capacity = min(config.capacity, max(1, train_size))
         self.banks: dict[str, MemoryBank] = {}
@@ -178,6 +182,7 @@ class ContrastiveModule:
         return total, logs
 
     def state_dict(self) -> dict:
+        """The tensors to save for resume."""
         state = {f"bank.{k}.{t}": v for k, b in self.banks.items() for t, v in b.state_dict().items()}
         state.update({f"snapshot.{i}.{t}": v for i, b in enumerate(self.snapshots) for t, v in b.state_dict().items()})
         state["current"], state["taken"] = self.current, self.taken
@@ -185,6 +190,7 @@ class ContrastiveModule:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()."""
         for k, b in self.banks.items():
             b.load_state_dict({t: state[f"bank.{k}.{t}"] for t in ("feats", "index", "labels")})
         for i, b in enumerate(self.snapshots):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,8 @@ class DistillConfig:
         return bool(self.logits or self.hidden or self.attention)
 
 
-def distill_loss(config: DistillConfig, student_out, teacher_out, batch: dict, objective: str) -> tuple[torch.Tensor, dict]:
+def distill_loss(config: DistillConfig, student_out: Any, teacher_out: Any, batch: dict,
+                 objective: str) -> tuple[torch.Tensor, dict]:
     """Combine the task loss and the distillation terms. Outputs are transformers ModelOutputs; hidden
     states/attentions must have been requested when the weights need them."""
     total, logs = 0.0, {}

@@ -67,9 +67,11 @@ class SmallDense(Method):
         super().__init__(warmup_ratio=warmup_ratio)
         self.sparsity, self.num_layers = sparsity, num_layers
 
-    def setup(self, ctx) -> None:
-        if is_ddp(ctx.student):
+    def adapt(self, model: nn.Module) -> None:
+        """Drop layers, once: a model already made small keeps its layers."""
+        if is_ddp(model):
             raise ValueError("small-dense removes layers of the student, which its DistributedDataParallel wrapper "
                              "would still expect: set the method up on the unwrapped model and wrap it afterwards")
-        super().setup(ctx)
-        small_dense(ctx.student, sparsity=self.sparsity, num_layers=self.num_layers)
+        if not getattr(model, "sparsebert_small_dense", False):
+            small_dense(model, sparsity=self.sparsity, num_layers=self.num_layers)
+            model.sparsebert_small_dense = True

@@ -38,6 +38,11 @@ class PruneOFA(SparseMethod):
         super().__init__(stage=stage, **{**STAGES[stage], **config})
         self.stage = stage
 
+    @property
+    def adds_loss_terms(self) -> bool:
+        # Both stages' default losses distill (set in setup(), by the objective); known before setup.
+        return True if not self.explicit_distill else super().adds_loss_terms
+
     def setup(self, ctx) -> None:
         if not self.explicit_distill:
             if self.stage == "downstream":

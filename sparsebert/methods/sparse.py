@@ -104,6 +104,14 @@ class SparseMethod(Method):
         return frozenset({"teacher"} if self.distill.needs_teacher or (cc and cc.finetuned) else set()) | \
             frozenset({"pretrained"} if cc and cc.pretrained else set())
 
+    def adapt(self, model: torch.nn.Module) -> None:
+        """MaskedLinear modules (with movement scores when the criterion learns them) at the targets."""
+        model = unwrap(model)
+        if self.distill.attention:
+            _eager_attention(model)
+        targets = {"include": self.config["targets"]} if self.config["targets"] else {}
+        sparsify(model, {**targets, "scores": self.criterion.learns_scores})
+
     def setup(self, ctx) -> None:
         """Works on a student wrapped in DistributedDataParallel too (its forward stays wrapped);
         movement scores must then exist before the wrapping (DDP synchronizes only the parameters
@@ -118,10 +126,8 @@ class SparseMethod(Method):
         super().setup(ctx)
         c, criterion = self.config, self.criterion
         if self.distill.attention:
-            for model in (student, unwrap(ctx.teacher)):
-                _eager_attention(model)
-        targets = {"include": c["targets"]} if c["targets"] else {}
-        modules = sparsify(student, {**targets, "scores": criterion.learns_scores})
+            _eager_attention(unwrap(ctx.teacher))
+        modules = masked_modules(student)
         if c["score_init"] == "magnitude":
             with torch.no_grad():
                 for module in modules.values():
@@ -139,18 +145,24 @@ class SparseMethod(Method):
             self.snapshot_every = max(1, ctx.total_steps // (self.contrastive_config.max_snapshots + 1))
 
     # --- optimizer and LR ----------------------------------------------------------------------------
+    def optimizer_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        # A criterion that learns scores keeps pruned weights (a revived weight resumes where it was), so
+        # its weights get no optimizer mask: their gradient is already G * M. Others keep them at 0.
+        return {} if self.criterion.learns_scores else {m.weight: m.mask for m in self.pruner.modules}
+
+    def added_param_groups(self) -> list[dict]:
+        scores = [p for name, p in self.ctx.student.named_parameters() if p.requires_grad and name.endswith(".scores")]
+        # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5), without weight decay.
+        return [{"params": scores, "lr": self.config["score_lr"], "weight_decay": 0.0}] if scores else []
+
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         c = self.config
         groups = self._param_groups(weight_decay, self.lr_scales)
-        scores = [p for name, p in self.ctx.student.named_parameters() if p.requires_grad and name.endswith(".scores")]
-        if scores:
-            # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5): a per-group scale of the schedule.
-            groups.append({"params": scores, "weight_decay": 0.0, "lr_scale": c["score_lr"] / lr})
-        # A criterion that learns scores keeps pruned weights (a revived weight resumes where it was), so
-        # its weights get no optimizer mask: their gradient is already G * M. Others keep them at 0.
-        masks = {} if self.criterion.learns_scores else {m.weight: m.mask for m in self.pruner.modules}
+        for group in self.added_param_groups():  # their LR as a scale of the scheduled one
+            groups.append({**{k: v for k, v in group.items() if k != "lr"}, "lr_scale": group["lr"] / lr})
         compact = self.pruner.locked if c["compact"] is None else c["compact"]
-        return MaskedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, masks=masks, compact=compact)
+        return MaskedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                           masks=self.optimizer_masks(), compact=compact)
 
     def lr_at(self, step: int, base_lr: float) -> float:
         total = self.ctx.total_steps
@@ -163,16 +175,37 @@ class SparseMethod(Method):
     def _forward(self, model, batch, hidden: bool, attentions: bool):
         return model(**model_inputs(batch), output_hidden_states=hidden, output_attentions=attentions)
 
-    def training_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _wants(self) -> tuple[bool, bool]:
+        """(hidden states, attentions): what the loss reads of the student's and teachers' outputs."""
+        return bool(self.distill.hidden) or self.contrastive_config is not None, bool(self.distill.attention)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        hidden, attentions = self._wants()
+        return {**({"output_hidden_states": True} if hidden else {}), **({"output_attentions": True} if attentions else {})}
+
+    @property
+    def adds_parameters(self) -> bool:
+        return self.criterion.learns_scores
+
+    @property
+    def adds_loss_terms(self) -> bool:
+        d = self.distill
+        return d.task != 1.0 or d.needs_teacher or self.criterion.penalty is not None or self.contrastive_config is not None
+
+    def loss_from_outputs(self, batch: dict, outputs: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, d = self.ctx, self.distill
         want_cls = self.contrastive is not None
-        hidden, attentions = bool(d.hidden) or want_cls, bool(d.attention)
-        student_out = self._forward(ctx.student, batch, hidden, attentions)
+        if want_cls and "index" not in batch:
+            raise ValueError(
+                f"method {self.name!r} (contrastive terms) needs batch['index']: the index of each example in the "
+                f"training set, in [0, {ctx.train_size}), which keys its memory banks. Add it to the batches (with "
+                "transformers' Trainer: an 'index' column, e.g. dataset.map(lambda e, i: {'index': i}, with_indices=True))")
+        hidden, attentions = self._wants()
         teacher_out = None
         if d.needs_teacher or (want_cls and self.contrastive_config.finetuned):
             with torch.no_grad():
                 teacher_out = self._forward(ctx.teacher, batch, hidden, attentions)
-        loss, logs = distill_loss(d, student_out, teacher_out, batch, ctx.objective)
+        loss, logs = distill_loss(d, outputs, teacher_out, batch, ctx.objective)
         if self.criterion.penalty is not None and not self.pruner.finalized:
             schedule = self.pruner.schedule
             penalty = self.criterion.penalty(self.pruner.modules)
@@ -185,7 +218,7 @@ class SparseMethod(Method):
                 with torch.no_grad():
                     pretrained_z = _cls(self._forward(ctx.pretrained, batch, True, False))
             labels = batch.get("labels") if ctx.objective == "classification" else None
-            extra, extra_logs = self.contrastive.loss(_cls(student_out), batch["index"], labels, pretrained_z,
+            extra, extra_logs = self.contrastive.loss(_cls(outputs), batch["index"], labels, pretrained_z,
                                                       _cls(teacher_out) if teacher_out is not None else None)
             loss = loss + extra
             logs.update(extra_logs)

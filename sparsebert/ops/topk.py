@@ -224,8 +224,18 @@ _SCOPES = ("global", "tensor", "row", "nm", "block")
 
 
 def kept_count(count: int, sparsity: float) -> int:
-    """Elements a sparsity keeps out of ``count``: count - floor(sparsity * count)."""
-    return count - math.floor(sparsity * count)
+    """Elements a sparsity keeps out of ``count``: ``count - floor(sparsity * count)``, the product
+    taken exactly on the decimal the sparsity is written as (its shortest ``repr``), so that
+    ``kept_count(100, 0.29) == 71`` although ``0.29 * 100`` is 28.999... in binary floating point.
+    Every sparsebert count (patterns, the pruner's exactness check, topk_masks) comes from here."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"kept_count: sparsity must be in [0, 1], got {sparsity}")
+    # Integer arithmetic on the digits of repr (torch.compile traces it; fractions.Fraction it cannot).
+    mantissa, _, exponent = repr(float(sparsity)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits, scale = int(whole + fraction), len(fraction) - int(exponent or "0")
+    pruned = digits * count // 10**scale if scale >= 0 else digits * 10**-scale * count
+    return count - pruned
 
 
 def _kept(count: int, k: int | None, sparsity: float | None, what: str) -> int:
@@ -292,8 +302,8 @@ def topk_masks(
 ) -> tuple[list[Tensor], Tensor]:
     """Bit-packed keep-masks of the largest scores (``|w|`` when ``use_abs``, else ``w``).
 
-    Exactly one of ``k`` and ``sparsity`` (in [0, 1)); a sparsity keeps ``N - floor(sparsity * N)``
-    of the N candidates of its scope. Ties go to the lower flat index. ``scope``:
+    Exactly one of ``k`` and ``sparsity`` (in [0, 1)); a sparsity keeps ``kept_count(N, sparsity)``
+    (``N - floor(sparsity * N)`` on the decimal sparsity, exactly) of the N candidates of its scope. Ties go to the lower flat index. ``scope``:
 
     - ``"global"``: the k largest over all tensors together; threshold: the k-th largest score
       (0-d float32, +inf for k = 0).

@@ -7,12 +7,12 @@ from .patterns import PATTERNS
 from .pruner import Pruner, lock
 from .quant import FakeQuant, enable_qat, fake_quantize
 from .report import format_report, kept_weights, sparsity_report
-from .schedules import SCHEDULES, Cubic, Lock, LRRewind, NoPruning, OneShot, SanhThreshold, linear_warmup_decay
+from .schedules import SCHEDULES, Cubic, Lock, LRRewind, NoPruning, OneShot, SanhThreshold, Schedule, linear_warmup_decay
 from .sparsify import SparsifyConfig, masked_modules, sparsify
 
 __all__ = [
     "CRITERIA", "PATTERNS", "SCHEDULES", "Criterion", "Cubic", "FakeQuant", "Importance", "LRRewind", "Lock",
-    "MaskedLinear", "NoPruning", "OneShot", "Pruner", "SanhThreshold", "SparsifyConfig", "enable_qat",
+    "MaskedLinear", "NoPruning", "OneShot", "Pruner", "SanhThreshold", "Schedule", "SparsifyConfig", "enable_qat",
     "export_dense", "fake_quantize", "format_report", "kept_weights", "linear_warmup_decay", "load_sparse", "lock",
     "masked_modules", "save_sparse", "soft_movement_penalty", "sparsify", "sparsity_report",
 ]

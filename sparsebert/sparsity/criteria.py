@@ -19,6 +19,8 @@ from .modules import MaskedLinear
 
 @dataclasses.dataclass
 class Importance:
+    """What a criterion ranks: one key tensor per module, by |key| or by value, by count or threshold."""
+
     tensors: list[torch.Tensor]
     use_abs: bool
     by_threshold: bool = False  # select key > threshold (the schedule's value) instead of the top count
@@ -26,6 +28,8 @@ class Importance:
 
 @dataclasses.dataclass(frozen=True)
 class Criterion:
+    """A ranking of weights for pruning, with the traits the pruner and the methods act on."""
+
     rank: Callable[[list[MaskedLinear]], tuple[list[torch.Tensor], bool]]  # -> (keys, rank by |key|)
     #: Ranks learnable scores: the modules carry them, and pruned weights keep their values (a revived
     #: weight resumes where it was) until the pruner's finalize() zeroes them.
@@ -45,7 +49,7 @@ class Criterion:
 CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
-def criterion(name: str, **traits) -> Callable:
+def criterion(name: str, **traits: object) -> Callable:
     """Register the decorated ranking function as criterion `name` with the given Criterion traits."""
     def add(rank):
         CRITERIA.register(name)(Criterion(rank, **traits))

@@ -8,7 +8,7 @@ from .. import ops
 from .criteria import CRITERIA, Importance
 from .modules import MaskedLinear
 from .patterns import PATTERNS
-from .schedules import Lock
+from .schedules import Lock, Schedule
 
 
 class Pruner:
@@ -22,7 +22,7 @@ class Pruner:
     after every event that all ranks hold the same masks (see `prune`).
     """
 
-    def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule, *,
+    def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule: Schedule | None, *,
                  pattern_kwargs: dict | None = None, num_heads: int | None = None, zero_weights: bool | None = None,
                  check_ranks: bool = True):
         if not modules:
@@ -48,6 +48,7 @@ class Pruner:
         return sum(m.weight.numel() for m in self.modules)
 
     def nnz(self) -> int:
+        """Kept weights over the pruned modules."""
         return sum(m.nnz() for m in self.modules)
 
     @property
@@ -128,10 +129,12 @@ class Pruner:
         self.finalized = True
 
     def state_dict(self) -> dict:
+        """The event bookkeeping, for resume."""
         # Masks and scores live in the model's state_dict; this is the event bookkeeping.
         return {"last_event": self.last_event, "events": self.events, "sparsity": self.sparsity, "finalized": int(self.finalized)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict() after the model's state (masks) of the same checkpoint."""
         self.last_event, self.events, self.sparsity = int(state["last_event"]), int(state["events"]), float(state["sparsity"])
         if bool(state.get("finalized", 0)):
             self.finalize()

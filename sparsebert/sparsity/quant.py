@@ -38,5 +38,6 @@ class FakeQuant(nn.Module):
 
 
 def enable_qat(modules: dict[str, MaskedLinear], bits: int = 8) -> None:
+    """Quantization-aware training: fake-quantize the inputs and weights of these modules' forward."""
     for module in modules.values():
         module.quantizer = FakeQuant(bits).to(module.weight.device)

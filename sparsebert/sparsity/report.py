@@ -74,6 +74,7 @@ def sparsity_report(model: nn.Module) -> dict:
 
 
 def format_report(report: dict) -> str:
+    """A sparsity_report as a text table, one line per matrix."""
     lines = [f"{'matrix':<60} {'shape':>12} {'sparsity':>9}"]
     for m in report["matrices"]:
         lines.append(f"{m['name']:<60} {'x'.join(map(str, m['shape'])):>12} {m['sparsity']:>9.4f}")

@@ -8,8 +8,30 @@ event (`end`). Each is registered by the name recipes use and built from a metho
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 from ..registry import Registry
+from .criteria import Criterion
+
+__all__ = ["SCHEDULES", "Cubic", "LRRewind", "Lock", "NoPruning", "OneShot", "SanhThreshold", "Schedule",
+           "linear_warmup_decay"]
+
+
+class Schedule(Protocol):
+    """What the pruner needs of a sparsity schedule (every registered schedule has it)."""
+
+    final: float
+
+    @property
+    def end(self) -> int:
+        """The step of the last event (0: none after the one before training)."""
+
+    def is_event(self, t: int) -> bool:
+        """Whether a pruning event happens after `t` completed steps."""
+
+    def value_at(self, t: int) -> float:
+        """The sparsity (or threshold) an event at `t` prunes to."""
+
 
 SCHEDULES: Registry = Registry("schedule")
 
@@ -22,9 +44,11 @@ class OneShot:
     at: int = 0
 
     def is_event(self, t: int) -> bool:
+        """Whether a pruning event happens after `t` completed steps."""
         return t == self.at
 
     def value_at(self, t: int) -> float:
+        """The sparsity (or threshold) an event at `t` prunes to."""
         return self.final if t >= self.at else 0.0
 
     @property
@@ -32,7 +56,8 @@ class OneShot:
         return self.at
 
     @classmethod
-    def from_config(cls, c: dict, total_steps: int, criterion) -> "OneShot":
+    def from_config(cls, c: dict, total_steps: int, criterion: Criterion) -> "OneShot":
+        """The schedule from a method's options, for a run of `total_steps` steps."""
         return cls(c["sparsity"], 0)
 
 
@@ -44,13 +69,16 @@ class NoPruning:
     end: int = 0
 
     def is_event(self, t: int) -> bool:
+        """Whether a pruning event happens after `t` completed steps."""
         return False
 
     def value_at(self, t: int) -> float:
+        """The sparsity (or threshold) an event at `t` prunes to."""
         return 0.0
 
     @classmethod
-    def from_config(cls, c: dict, total_steps: int, criterion):
+    def from_config(cls, c: dict, total_steps: int, criterion: Criterion) -> "NoPruning":
+        """The schedule from a method's options, for a run of `total_steps` steps."""
         return cls()
 
 
@@ -62,6 +90,7 @@ class Lock(NoPruning):
     criterion = "nonzero"  # whatever the method's criterion: the pattern is the weights' own
 
     def is_event(self, t: int) -> bool:
+        """Whether a pruning event happens after `t` completed steps."""
         return t == 0
 
 
@@ -83,9 +112,11 @@ class Cubic:
             raise ValueError(f"frequency must be >= 1, got {self.frequency}")
 
     def is_event(self, t: int) -> bool:
+        """Whether a pruning event happens after `t` completed steps."""
         return self.begin <= t <= self.end and ((t - self.begin) % self.frequency == 0 or t == self.end)
 
     def value_at(self, t: int) -> float:
+        """The sparsity (or threshold) an event at `t` prunes to."""
         if t < self.begin:
             return 0.0
         if t >= self.end:
@@ -100,7 +131,8 @@ class Cubic:
         return cls(initial, final, begin, end, max(1, (end - begin) // max(1, events)))
 
     @classmethod
-    def from_config(cls, c: dict, total_steps: int, criterion) -> "Cubic":
+    def from_config(cls, c: dict, total_steps: int, criterion: Criterion) -> "Cubic":
+        """The schedule from a method's options, for a run of `total_steps` steps."""
         return cls.over(c["initial_sparsity"], c["sparsity"], total_steps, c["begin_frac"], c["end_frac"], c["events"])
 
 
@@ -119,9 +151,11 @@ class SanhThreshold:
     frequency: int = 1
 
     def is_event(self, t: int) -> bool:
+        """Whether a pruning event happens after `t` completed steps."""
         return t % self.frequency == 0 or t == self.total
 
     def value_at(self, t: int) -> float:
+        """The sparsity (or threshold) an event at `t` prunes to."""
         if t <= self.warmup:
             return self.initial
         if t > self.total - self.cooldown:
@@ -134,11 +168,14 @@ class SanhThreshold:
         return self.total
 
     @classmethod
-    def over(cls, initial: float, final: float, total_steps: int, warmup_frac: float, cooldown_frac: float, frequency: int = 1):
+    def over(cls, initial: float, final: float, total_steps: int, warmup_frac: float, cooldown_frac: float,
+             frequency: int = 1) -> "SanhThreshold":
+        """From fractions of training (warm-up, cool-down) and the steps between events."""
         return cls(initial, final, total_steps, int(warmup_frac * total_steps), int(cooldown_frac * total_steps), frequency)
 
     @classmethod
-    def from_config(cls, c: dict, total_steps: int, criterion) -> "SanhThreshold":
+    def from_config(cls, c: dict, total_steps: int, criterion: Criterion) -> "SanhThreshold":
+        """The schedule from a method's options, for a run of `total_steps` steps."""
         initial, final = ((c["threshold_initial"], c["threshold_final"]) if criterion.by_threshold
                           else (c["initial_sparsity"], c["sparsity"]))
         return cls.over(initial, final, total_steps, c["warmup_frac"], c["cooldown_frac"], c["frequency"])
@@ -161,6 +198,7 @@ class LRRewind:
     warmup: int
 
     def multiplier(self, step: int) -> float:
+        """The LR multiplier at `step`."""
         if self.rewind_at <= 0 or self.rewind_at >= self.total or step < self.rewind_at:
             end = self.rewind_at if 0 < self.rewind_at < self.total else self.total
             return linear_warmup_decay(step, end, self.warmup)

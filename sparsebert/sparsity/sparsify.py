@@ -13,6 +13,8 @@ from .modules import MaskedLinear
 
 @dataclasses.dataclass
 class SparsifyConfig:
+    """Which nn.Linear modules sparsify() replaces (regexes over qualified names), and movement scores."""
+
     # Default: the six encoder matrices of every layer of every model family (sparsebert.families);
     # embeddings, pooler and classifier stay dense unless a config includes them.
     include: list[str] = dataclasses.field(default_factory=lambda: [encoder_matrices_regex()])
@@ -21,7 +23,9 @@ class SparsifyConfig:
     score_init: float = 0.0  # Sanh et al.'s constant init (mask_scale 0)
 
     @classmethod
-    def coerce(cls, config) -> "SparsifyConfig":
+    def coerce(cls, config: "SparsifyConfig | dict | None") -> "SparsifyConfig":
+        """A config from None (the defaults), a dict of its fields (a string include/exclude is one regex)
+        or a config."""
         if config is None:
             return cls()
         if isinstance(config, cls):
@@ -36,9 +40,11 @@ class SparsifyConfig:
         return cls(**config)
 
     def to_dict(self) -> dict:
+        """The fields as a dict (stored on the model and in sparse checkpoints)."""
         return dataclasses.asdict(self)
 
     def selects(self, name: str) -> bool:
+        """Whether the module with this qualified name is included and not excluded."""
         return any(re.search(p, name) for p in self.include) and not any(re.search(p, name) for p in self.exclude)
 
 
@@ -70,4 +76,5 @@ def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None) -> d
 
 
 def masked_modules(model: nn.Module) -> dict[str, MaskedLinear]:
+    """{qualified name: MaskedLinear} of every masked module of the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
