@@ -132,7 +132,9 @@ class MaskedOptimizer(Optimizer):
         if compact and mask is not None:
             shape = (int(_keep(mask, param).sum()),)
             return {name: torch.zeros(shape, dtype=_state_dtype(param), device=param.device) for name in self._state_names}
-        return {name: torch.zeros_like(param, dtype=_state_dtype(param)) for name in self._state_names}
+        # Contiguous whatever the parameter's strides: the kernels step state in place, flat.
+        return {name: torch.zeros_like(param, dtype=_state_dtype(param), memory_format=torch.contiguous_format)
+                for name in self._state_names}
 
     def _check_mode(self, param: Tensor, state: dict, compact: bool) -> None:
         has_tensors = any(name in state for name in self._state_names)
