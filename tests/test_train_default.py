@@ -31,15 +31,14 @@ def test_default_smoke(tmp_path, capsys):
 
 
 def test_the_plan_is_fixed_whatever_the_machine(monkeypatch, capsys):
-    """A slow or busy machine changes the estimate and the threads, never the steps or anything else."""
+    """A slow machine changes the estimate, never the steps, the threads or anything else."""
     plans = []
     monkeypatch.setattr(default, "run_command", lambda stage, user, **kw: plans.append((user, kw["plan_note"])) or 0)
-    for step_s, load in ((0.1, 0.0), (50.0, 9.0)):
+    for step_s in (0.1, 50.0):
         monkeypatch.setattr(default, "calibrate", lambda *a, s=step_s: s)
-        monkeypatch.setattr(default.os, "getloadavg", lambda load=load: (load, load, load))
         assert default.main({}) == 0
     (fast, fast_note), (slow, slow_note) = plans
-    assert fast["run"]["threads"] != slow["run"]["threads"]
+    assert fast["run"]["threads"] == slow["run"]["threads"] == 1
     assert C.comparable(resolve_pipeline(fast)) == C.comparable(resolve_pipeline(slow))
     assert "estimate:" in fast_note and fast_note != slow_note
     assert "steps (fixed, seed" in slow_note
