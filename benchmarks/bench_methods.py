@@ -31,8 +31,9 @@ from harness import RESULTS, report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sparsebert.methods import get_method, load_recipe  # noqa: E402
-from sparsebert.train.config import merge, parse_value, set_path  # noqa: E402
+from sparsebert.train.config import merge, parse_value, resolve, set_path  # noqa: E402
 from sparsebert.train.pipeline import run_command  # noqa: E402
+from sparsebert.train.runs import Run  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # ../shared/data beside the project; a git worktree one level deeper finds it one level up.
@@ -57,9 +58,11 @@ def command(stage: str, user: dict) -> str:
 
 def run_stage_dir(stage: str, user: dict, run_dir: pathlib.Path) -> dict:
     """Run one stage through the CLI's run command into run_dir (continued if it was interrupted,
-    reused if it finished) and return its results."""
+    reused if it finished, in both cases only if it was made with this config) and return its results."""
     done = run_dir / "done.json"
-    if not done.is_file():
+    if done.is_file():
+        Run(run_dir).check_same_config(resolve(stage, user))
+    else:
         resume = str(run_dir) if (run_dir / "config.json").is_file() else None
         run_command(stage, merge(user, {"run": {"dir": str(run_dir)}}), resume=resume)
     return json.loads(done.read_text())
@@ -160,6 +163,9 @@ def main(argv=None):
     ap.add_argument("--student", choices=("pretrained", "finetuned"), default="pretrained",
                     help="what the pruned student starts from: the pre-trained encoder with a new head (the papers' "
                     "KAP and CAP), or the fine-tuned dense teacher (pruning a task model)")
+    ap.add_argument("--teacher", type=pathlib.Path, default=None,
+                    help="a finished teacher run dir to use (made with the config this benchmark would give it); "
+                    "default: <runs-dir>/teacher, trained if missing")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default=None, help="results file name; default bench_methods_<max-train>, so that "
                     "task sizes never share a table")
@@ -192,13 +198,13 @@ def main(argv=None):
     if args.fresh:
         results.unlink(missing_ok=True)
 
-    def record(spec, sparsity, seed, res, wall_s, cmd):
+    def record(spec, sparsity, seed, res, wall_s, cmd, run_dir):
         # Read back just before writing: another invocation (one per core) may have added rows.
         rows = [r for r in (json.loads(results.read_text())["rows"] if results.exists() else [])
                 if (r["method"], r["target"], r["seed"]) != (spec, sparsity, seed)]
         row = {"method": spec, "target": sparsity, "seed": seed, "dev_acc": res["final"]["dev/accuracy"],
                "sparsity": res["sparsity"]["overall"], "layers": len(res["sparsity"]["layers"]), "wall_s": wall_s,
-               "threads": args.threads or os.cpu_count(), "student": args.student, "steps": res["steps"],
+               "threads": Run(run_dir).saved_config()["run"]["threads"] or os.cpu_count(), "student": args.student, "steps": res["steps"],
                "command": cmd}
         rows = sorted(rows + [row], key=lambda r: (METHODS.index(parse_method(r["method"])[0]), r["method"],
                                                    -r["target"], r["seed"]))
@@ -208,9 +214,10 @@ def main(argv=None):
         plot(rows, RESULTS / f"{args.name}_cpu.png")
 
     teacher_user = merge(common, {"training": {"seed": 0}})
-    teacher = run_stage_dir("teacher", teacher_user, runs_dir / "teacher")
+    teacher_dir = args.teacher or runs_dir / "teacher"
+    teacher = run_stage_dir("teacher", teacher_user, teacher_dir)
     if any(name == "dense" for _, name, _ in methods):
-        record("dense", 0.0, 0, teacher, teacher["time_s"], command("teacher", teacher_user))
+        record("dense", 0.0, 0, teacher, teacher["time_s"], command("teacher", teacher_user), teacher_dir)
 
     for spec, name, overrides in methods:
         if name == "dense":
@@ -225,7 +232,7 @@ def main(argv=None):
             if name == "prune-ofa":
                 user = merge(user, {"model": {"name": str(upstream[sparsity])}})
             res = run_stage_dir("downstream", user, run_dir)
-            record(spec, sparsity, seed, res, res["time_s"], command("downstream", user))
+            record(spec, sparsity, seed, res, res["time_s"], command("downstream", user), run_dir)
 
 
 if __name__ == "__main__":
