@@ -102,3 +102,13 @@ def test_transformers_argument_names_are_aliases():
     assert user == {"model": {"name": "m"}, "training": {"lr": 3e-5, "epochs": 2.0, "batch_size": 8, "seed": 3,
                                                          "max_steps": 7},
                     "run": {"dir": "out"}, "data": {"max_len": 64}}
+
+
+def test_epochs_on_the_command_line_replace_the_recipes_budget(monkeypatch):
+    monkeypatch.setattr(C, "load_recipe", lambda m, s: {"training": {"epochs": 3, "min_steps": 600}})
+    assert C.resolve("teacher", {})["training"]["min_steps"] == 600
+    assert C.resolve("teacher", {"training": {"lr": 1e-4}})["training"]["min_steps"] == 600
+    assert C.resolve("teacher", overrides(["teacher", "--epochs", "1"]))["training"]["min_steps"] is None
+    assert C.resolve("teacher", {"teacher": {"training": {"epochs": 1}}})["training"]["min_steps"] is None
+    both = C.resolve("teacher", {"training": {"epochs": 1, "min_steps": 50}})["training"]
+    assert (both["epochs"], both["min_steps"]) == (1, 50)

@@ -50,7 +50,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": 42,
         "epochs": 3.0,             # passes over the training set (before augmentation), when max_steps is None
         "max_steps": None,
-        "min_steps": None,         # at least this many steps: small tasks get more epochs (the papers' 12-30)
+        "min_steps": None,         # at least this many steps: small tasks get more epochs (the papers' 12-30);
+                                   # dropped when the command line gives epochs without it
         "batch_size": 32,
         "group_by_length": True,   # batch examples of similar length (SST-2: 2.9x fewer padded tokens)
         "eval_batch_size": 128,
@@ -232,8 +233,10 @@ def resolve(stage: str, user: dict) -> dict:
     for dotted, value in recipe_other.items():
         set_path(recipe_layer, dotted, value)
     training = merge(training, recipe_training)
-    training = merge(training, user.get("training", {}))
-    training = merge(training, get_path(user, f"{stage}.training", {}) or {})
+    user_training = merge(user.get("training", {}), get_path(user, f"{stage}.training", {}) or {})
+    training = merge(training, user_training)
+    if "epochs" in user_training and "min_steps" not in user_training:
+        training["min_steps"] = None  # epochs given on the command line replace the recipe's budget whole
     method = {"name": method_name}
     method = merge(method, {k: v for k, v in (recipe.get("method", {}) or {}).items() if k != "name"})
     if stage != "teacher":
