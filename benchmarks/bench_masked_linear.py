@@ -1,6 +1,6 @@
 """masked_linear against dense F.linear and the unfused float-mask baseline, BERT-base shapes.
 
-    python benchmarks/bench_masked_linear.py [--device cpu|cuda] [--repeats 7] [--sparsity 0.9]
+    python benchmarks/bench_masked_linear.py [--device cpu|cuda] [--repeats 15] [--sparsity 0.9]
 
 Rows: forward+backward and forward-only times (median of repeats) of
   dense    F.linear(x, W, b)                    (the floor: no masking at all)
@@ -8,7 +8,7 @@ Rows: forward+backward and forward-only times (median of repeats) of
   general  masked_linear(x, W, mask, b)         (any W; mask fused into the kernels)
   masked   masked_linear(..., weight_is_masked=True) (W already zero where pruned)
   movement movement_linear(x, W, S, mask, b)    (also produces grad_S)
-with ratios against dense and unfused from the same run.
+with ratios against dense and unfused: medians over the rounds of the ratio within a round.
 """
 import argparse
 import pathlib
@@ -86,22 +86,23 @@ def check(x, w, b, s, keep, go):
         assert (got["w"][~keep] == 0).all(), f"{name}: grad_W not exactly zero at pruned positions"
 
 
-def interleaved_medians(mode, runs, device, repeats):
-    """Median per variant over rounds that run every variant once, so that load from other
-    processes on a shared machine hits all variants alike instead of whichever ran then."""
+def interleaved_rounds(runs, device, repeats):
+    """Time of every variant in each of `repeats` rounds that run every variant once, in
+    alternating order, so that load from other processes hits all variants alike instead of
+    whichever ran then."""
     for run in runs.values():
         harness.median_time(run, device, repeats=1, warmup=1)
     samples = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            samples[name].append(harness.median_time(run, device, repeats=1, warmup=0))
-    return {(mode, name): statistics.median(ts) for name, ts in samples.items()}
+    for round_ in range(repeats):
+        for name in (list(runs) if round_ % 2 == 0 else reversed(list(runs))):
+            samples[name].append(harness.median_time(runs[name], device, repeats=1, warmup=0))
+    return samples
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--sparsity", type=float, default=0.9)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,20 +115,22 @@ def main():
             tensors = setup(tokens, n_in, n_out, args.sparsity, args.device, dtype)
             check(*tensors)
             forwards, fwd_bwd, fwd, _ = variants(*tensors)
-            times = {}
             for mode, wrap in (("fwd+bwd", fwd_bwd), ("fwd", fwd)):
                 runs = {name: wrap(forward) for name, forward in forwards.items()}
-                times.update(interleaved_medians(mode, runs, args.device, args.repeats))
+                samples = interleaved_rounds(runs, args.device, args.repeats)
+                # Ratios: the median over rounds of the ratio within a round, which a change of
+                # load between rounds does not move (a ratio of medians would).
+                paired = lambda name, base: statistics.median(  # noqa: E731
+                    t / b for t, b in zip(samples[name], samples[base]))
                 for name in forwards:
-                    t = times[mode, name]
                     rows.append({
                         "dtype": str(dtype).removeprefix("torch."),
                         "shape": f"{tokens}x{n_in}->{n_out}",
                         "pass": mode,
                         "variant": name,
-                        "ms": t * 1e3,
-                        "vs_dense": t / times[mode, "dense"],
-                        "vs_unfused": t / times[mode, "unfused"],
+                        "ms": statistics.median(samples[name]) * 1e3,
+                        "vs_dense": paired(name, "dense"),
+                        "vs_unfused": paired(name, "unfused"),
                     })
     harness.report("masked_linear", rows, args.device,
                    extra={"sparsity": args.sparsity, "repeats": args.repeats, "correctness": "passed"})

@@ -20,18 +20,21 @@ SPARSEBERT_HOST_DEVICE double opmath_sqrt(double x) { return sqrt(x); }
 
 // torch.optim.AdamW (decoupled weight decay), operation for operation in the order of its
 // single-tensor path, so that results agree with it to the rounding of fused multiply-adds.
-// T is the math type (float for float/half/bfloat16 parameters, double for double).
+// T is the math type (float for float/half/bfloat16 parameters, double for double). The
+// rules are templates over the value type V, T or (CPU) a vector of T whose operations act
+// lane by lane, so that a vector loop computes bit for bit what a scalar loop does.
 template <typename T>
 struct AdamWUpdate {
   static constexpr int kStates = 2;  // exp_avg, exp_avg_sq
   T grad_sign, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size;
 
-  SPARSEBERT_HOST_DEVICE void operator()(T& p, T g, T* s) const {
+  template <typename V>
+  SPARSEBERT_HOST_DEVICE void operator()(V& p, V g, V* s) const {
     g = g * grad_sign;
     p = p * decay;
     s[0] = s[0] + one_minus_beta1 * (g - s[0]);    // exp_avg.lerp_(grad, 1 - beta1)
     s[1] = s[1] * beta2 + one_minus_beta2 * g * g;  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-    const T denom = opmath_sqrt(s[1]) / bias_correction2_sqrt + eps;
+    const V denom = opmath_sqrt(s[1]) / bias_correction2_sqrt + eps;
     p = p + neg_step_size * s[0] / denom;  // param.addcdiv_(exp_avg, denom, -step_size)
   }
 };
@@ -58,7 +61,8 @@ struct SgdUpdate {
   T grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
   bool nesterov, first_step;
 
-  SPARSEBERT_HOST_DEVICE void operator()(T& p, T g, T* s) const {
+  template <typename V>
+  SPARSEBERT_HOST_DEVICE void operator()(V& p, V g, V* s) const {
     g = g * grad_sign;
     if (weight_decay != T(0)) g = g + weight_decay * p;  // grad.add(param, alpha=weight_decay)
     if constexpr (kMomentum) {

@@ -21,9 +21,13 @@ State modes:
   :meth:`compact_state_` (kept positions keep their state, new ones start at 0).
 
 ``check_finite=True`` (default) makes a step raise, before anything is written, if a gradient
-holds NaN/Inf at a kept position; it costs one extra read of the gradients. Weights are not
-checked: the update cannot make them non-finite from finite gradients and finite state, and
-a second read of the weights would cost as much again.
+holds NaN/Inf at a kept position; it costs one extra read of the gradients (on CPU, of the
+cache lines that hold a kept one). On CPU it also copies the kept gradients of sparse parts of
+masked parameters (at most a quarter kept) to a workspace that the update reads instead of the
+gradients: about the kept gradients' bytes, held per calling thread and reused across steps
+(34 MB for BERT-base's encoder at 90% sparsity). Weights are not checked: the update cannot
+make them non-finite from finite gradients and finite state, and a second read of the weights
+would cost as much again.
 
 A group's ``lr_scale`` (default 1) multiplies its ``lr`` inside every step, so a loop that sets
 every group's ``lr`` to one scheduled value (or a LambdaLR) keeps the groups' ratios.

@@ -1,5 +1,9 @@
 """masked_adamw_ / masked_sgd_ and MaskedAdamW / MaskedSGD against torch.optim as the oracle."""
 import copy
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -136,6 +140,126 @@ def test_adamw_compact_matches_dense_at_high_sparsity(device):
     for i, k in enumerate(keeps):
         assert torch.equal(compact[i], params[i])
         assert torch.equal(mc[i], m[i][k]) and torch.equal(vc[i], v[i][k])
+
+
+# ----------------------------------------------------------------------------- kernel paths
+# The CPU kernels pick, per 16384-element chunk, whether the NaN/Inf check copies the kept
+# gradients for the update (at most a quarter kept) or the update reads the gradients again;
+# and, per process, AVX-512 or the portable loops. These shapes have rows that are not whole
+# groups of 16 (or 8) and chunks that start inside rows; a 1-D masked tensor spans three chunks;
+# and the density changes along each tensor, so that one tensor has chunks of both kinds.
+PATH_SHAPES = [(300, 77), (40000,), (65, 256), (5, 3, 10), (7,)]
+
+
+def uniform(shape, gen, dtype):
+    # Not randn: torch's normal sampler rounds differently per CPU capability, and the inputs
+    # must be the same bits in a process with ATEN_CPU_CAPABILITY=default.
+    return torch.rand(shape, generator=gen, dtype=dtype) * 2 - 1
+
+
+def path_grads(params, step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [uniform(p.shape, gen, p.dtype) for p in params]
+
+
+def path_problem(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params, keeps = [], []
+    for shape in PATH_SHAPES:
+        params.append(uniform(shape, gen, dtype))
+        n = params[-1].numel()
+        density = torch.where(torch.arange(n) % 30000 < 16384, 0.1, 0.6).view(shape)
+        keeps.append(torch.rand(shape, generator=gen) < density if len(shape) > 1 or n > 7 else None)
+    return params, keeps
+
+
+def kernel_path_results(steps=3):
+    """Weights and state after a few steps of every op, state mode and check_finite setting,
+    float32 and float64 (for the comparison across processes below). Pruned gradients hold NaN,
+    which every path must ignore."""
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        for op in ("adamw", "sgd", "sgd-plain"):
+            for compact in (False, True):
+                for check in (True, False):
+                    params, keeps = path_problem(dtype)
+                    params = [p * k if k is not None else p for p, k in zip(params, keeps)]
+                    masks = packed(keeps)
+                    n_states = 2 if op == "adamw" else (1 if op == "sgd" else 0)
+                    states = [[torch.zeros(int(k.sum()), dtype=dtype) if compact and k is not None else torch.zeros_like(p)
+                               for p, k in zip(params, keeps)] for _ in range(n_states)]
+                    for step in range(1, steps + 1):
+                        grads = path_grads(params, step)
+                        for g, k in zip(grads, keeps):
+                            if k is not None:
+                                g[~k] = float("nan")
+                        if op == "adamw":
+                            masked_adamw_(params, grads, *states, masks, step, 1e-2, 0.9, 0.999, 1e-8, 0.05,
+                                          compact=compact, check_finite=check)
+                        else:
+                            masked_sgd_(params, grads, states[0] if states else [], masks, 0.05,
+                                        momentum=0.9 if op == "sgd" else 0.0, weight_decay=0.01, nesterov=op == "sgd",
+                                        first_step=step == 1, compact=compact, check_finite=check)
+                    out[f"{dtype}-{op}-compact={compact}-check={check}"] = params + [t for s in states for t in s]
+    return out
+
+
+def test_kernel_paths_agree_bit_for_bit_and_match_torch():
+    """With and without the check pass (which moves the gradients of sparse chunks into a
+    workspace), dense and compact state give the same bits; and they match torch.optim."""
+    results = kernel_path_results()
+    for dtype in (torch.float32, torch.float64):
+        for op in ("adamw", "sgd", "sgd-plain"):
+            base = results[f"{dtype}-{op}-compact=False-check=True"]
+            assert all(torch.equal(a, b) for a, b in zip(base, results[f"{dtype}-{op}-compact=False-check=False"]))
+            params, keeps = path_problem(dtype)
+            for compact_check in (True, False):
+                compact = results[f"{dtype}-{op}-compact=True-check={compact_check}"]
+                for i, k in enumerate(keeps):
+                    assert torch.equal(compact[i], base[i])
+                    if k is not None:
+                        assert (base[i][~k] == 0).all()
+    params, keeps = path_problem(torch.float64)
+    ref = [torch.nn.Parameter(p * k if k is not None else p.clone()) for p, k in zip(params, keeps)]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05, foreach=False)
+    for step in range(1, 4):
+        reference_masked_step(ref_opt, ref, path_grads(params, step), keeps)
+    got = results[f"{torch.float64}-adamw-compact=False-check=True"]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r.detach(), **tolerances(torch.float64))
+
+
+def test_portable_kernels_match_avx512_bit_for_bit(tmp_path):
+    """ATEN_CPU_CAPABILITY=default makes the kernels take their portable loops (as it makes
+    torch's): they give the same bits as the AVX-512 ones (on a CPU without AVX-512, both runs
+    take the portable loops)."""
+    out = tmp_path / "portable.pt"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_masked_optim as t; "
+            "torch.save(t.kernel_path_results(), sys.argv[2])")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).parent), str(out)], env=env, check=True)
+    portable = torch.load(out)
+    here = kernel_path_results()
+    assert portable.keys() == here.keys()
+    for name, tensors in here.items():
+        for i, (a, b) in enumerate(zip(tensors, portable[name])):
+            assert torch.equal(a, b), f"{name}: tensor {i} differs between the AVX-512 and the portable loops"
+
+
+def test_nan_at_kept_position_of_sparse_chunk_raises_before_any_write():
+    params, keeps = path_problem(torch.float32)
+    masks = packed(keeps)
+    for compact in (False, True):
+        ps = [p * k if k is not None else p.clone() for p, k in zip(params, keeps)]
+        st = [[torch.rand(int(k.sum())) if compact and k is not None else torch.rand(p.shape) for p, k in zip(ps, keeps)]
+              for _ in range(2)]
+        grads = path_grads(ps, 1)
+        flat_keep = keeps[1].view(-1)
+        grads[1][flat_keep.nonzero()[-1]] = float("inf")  # the last chunk of the 1-D tensor: sparse
+        before = [t.clone() for t in ps + st[0] + st[1]]
+        with pytest.raises(RuntimeError, match=r"grads\[1\] contains NaN or Inf at a kept position"):
+            masked_adamw_(ps, grads, st[0], st[1], masks, 1, 1e-2, 0.9, 0.999, 1e-8, 0.0, compact=compact)
+        assert all(torch.equal(a, b) for a, b in zip(ps + st[0] + st[1], before))
 
 
 # ----------------------------------------------------------------------------- SGD, op level

@@ -4,7 +4,7 @@ Both ops take lists of tensors (one call updates a whole parameter list) and a l
 bit-packed masks, ``None`` for a dense parameter (biases, LayerNorm). At pruned positions the
 gradient counts as 0 and the weight is written 0; with dense state the state there is
 written 0 too. With ``compact=True`` the state of a masked parameter is 1-D, one entry per
-kept weight in row-major order, and pruned positions are not written (they must already
+kept weight in row-major order, and pruned positions keep their values (they must already
 be 0: MaskedAdamW/MaskedSGD zero them when they compact the state).
 
 Requirements (checked, with an error naming the argument, before anything is written):
@@ -12,10 +12,12 @@ equal list lengths; every tensor contiguous and on one device; one parameter dty
 (float32/float64 on CPU; also float16/bfloat16 on CUDA, whose state may be float32 or the
 parameter dtype); grads of the parameters' shape and dtype; state of the parameter's shape,
 or 1-D of length popcount(mask) for a masked parameter in compact mode; masks of shape
-``[*shape[:-1], ceil(shape[-1] / 8)]``, uint8. With ``check_finite`` a read-only pre-pass
-raises on a NaN/Inf gradient (at kept positions only), naming its index; weights are not
-checked (see sparsebert/optim.py). On CUDA, check_finite and compact mode each cost one
-device-to-host synchronization, the price of raising before any write.
+``[*shape[:-1], ceil(shape[-1] / 8)]``, uint8. With ``check_finite`` a pre-pass raises on a
+NaN/Inf gradient (at kept positions only), naming its index; weights are not checked (see
+sparsebert/optim.py). On CUDA, check_finite and compact mode each cost one device-to-host
+synchronization, the price of raising before any write. The CPU kernels use AVX-512 where the
+CPU has it and torch's ATEN_CPU_CAPABILITY allows it, else portable loops with the same
+results bit for bit.
 """
 from typing import Optional, Sequence
 
