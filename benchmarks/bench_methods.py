@@ -4,6 +4,7 @@ stage (the command is recorded with its row) in its own run dir under --runs-dir
 benchmark continues where it stopped and a finished run is reused.
 
     python benchmarks/bench_methods.py                       # SST-2 subset of 2,000 examples, every method
+    python benchmarks/bench_methods.py --augment 20          # with 20 augmented copies of every example
     python benchmarks/bench_methods.py --max-train 4000      # a subset of 4,000
     python benchmarks/bench_methods.py --max-train 67349     # all of SST-2 train
     python benchmarks/bench_methods.py --methods cap --runs 0.9:1   # one method, sparsity and seed
@@ -156,6 +157,9 @@ def main(argv=None):
                     "; a method may override its recipe's options: cap[criterion=magnitude]")
     ap.add_argument("--max-train", type=int, default=2000, help="training examples: a subset fixed by seed 0")
     ap.add_argument("--max-dev", type=int, default=None)
+    ap.add_argument("--augment", type=int, default=0,
+                    help="TinyBERT-style augmented copies of every training example for the pruning methods "
+                    "(the CLI's --augment; SparseBERT augments small tasks)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of every method at 90%% and 80%%")
     ap.add_argument("--runs", default=None, help="instead: sparsity:seed pairs, e.g. 0.9:1,0.8:0")
     ap.add_argument("--upstream", default="", help="Prune OFA's sparse pre-trained models: sparsity=dir pairs, "
@@ -167,14 +171,15 @@ def main(argv=None):
                     help="a finished teacher run dir to use (made with the config this benchmark would give it); "
                     "default: <runs-dir>/teacher, trained if missing")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--name", default=None, help="results file name; default bench_methods_<max-train>, so that "
-                    "task sizes never share a table")
+    ap.add_argument("--name", default=None, help="results file name; default bench_methods_<max-train>[_aug<N>], so that "
+                    "task sizes and augmentations never share a table")
     ap.add_argument("--runs-dir", type=pathlib.Path, default=None,
                     help="where the stage runs live (the teacher is shared by every method of a budget); "
                     "default runs/bench_methods/<budget>")
     ap.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to it")
     args = ap.parse_args(argv)
-    args.name = args.name or f"bench_methods_{args.max_train}"
+    augmented = f"_aug{args.augment}" if args.augment else ""
+    args.name = args.name or f"bench_methods_{args.max_train}{augmented}"
     runs_dir = args.runs_dir or ROOT / "runs" / "bench_methods" / str(args.max_train)
     try:
         methods = [(spec, *parse_method(spec)) for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods)]
@@ -223,8 +228,8 @@ def main(argv=None):
         if name == "dense":
             continue
         for sparsity, seed in runs:
-            run_dir = runs_dir / f"{slug(spec)}-{sparsity}-{seed}"
-            user = merge(common, {"model": {"teacher": teacher["model_dir"]},
+            run_dir = runs_dir / f"{slug(spec)}-{sparsity}-{seed}{augmented.replace('_', '-')}"
+            user = merge(common, {"model": {"teacher": teacher["model_dir"]}, "data": {"augment": args.augment},
                                   "method": {"name": name, **overrides, "sparsity": sparsity},
                                   "training": {"seed": seed}})
             if args.student == "finetuned":

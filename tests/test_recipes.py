@@ -22,7 +22,7 @@ def test_recipes_are_found_outside_the_checkout(tmp_path):
     out = cli(["downstream", "--method", "cap", "--task", "sst2", "--print-config"], tmp_path)
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
-    assert cfg["training"]["lr"] == 3e-5 and cfg["roles"] == {"student": "pretrained", "teacher": "finetuned",
+    assert cfg["training"]["lr"] == 4e-4 and cfg["training"]["min_steps"] == 2000 and cfg["roles"] == {"student": "pretrained", "teacher": "finetuned",
                                                               "pretrained": True}
     assert cfg["method"]["criterion"] == "movement"
     where = subprocess.run([sys.executable, "-c", "import sparsebert; print(sparsebert.__file__)"], cwd=tmp_path,
