@@ -178,6 +178,17 @@ def test_tied_weights_are_stored_once(tmp_path):
     torch.testing.assert_close(logits(loaded), logits(model), **TOL)
 
 
+def test_encoder_without_pooler_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.BertModel(tinybert.config(), add_pooling_layer=False).eval()
+    Pruner(sparsify(model), "magnitude", "global", None).prune(0.9)
+    deploy.save_pretrained(deploy.convert(model, timing_tokens=()), tmp_path)
+    loaded = deploy.from_pretrained(tmp_path)
+    assert loaded.pooler is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).last_hidden_state, model(**inputs()).last_hidden_state, **TOL)
+
+
 def test_load_can_choose_kernels_again(tmp_path):
     deploy.save_pretrained(deploy.convert(pruned(), timing_tokens=()), tmp_path)
     dense = deploy.from_pretrained(tmp_path, kernel="dense")

@@ -8,8 +8,6 @@ import os
 import pathlib
 import platform
 import re
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -17,6 +15,7 @@ from torch import nn
 from . import sources
 from .convert import convert
 from .files import from_pretrained
+from .timing import interleaved_medians
 
 # Agreement of the deployed model with the dense-with-zeros model, relative to the largest output
 # (float32: the kernels only reorder the sums; 16-bit: one more rounding per layer).
@@ -50,29 +49,6 @@ def check_agreement(dense: nn.Module, sparse: nn.Module, inputs: dict) -> float:
     if not diff <= tol:
         raise RuntimeError(f"the sparse model disagrees with the dense one: relative max difference {diff:.3g} > {tol}")
     return diff
-
-
-def _elapsed(model: nn.Module, inputs: dict) -> float:
-    device = inputs["input_ids"].device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    first_output(model, inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def time_models(models: dict[str, nn.Module], inputs: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per forward of each model over `rounds` rounds that run every model once, in turn,
-    so that load from other processes hits all of them alike (after one warm-up round)."""
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds + 1):
-        for name, model in models.items():
-            t = _elapsed(model, inputs)
-            if r:
-                samples[name].append(t)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def models_for(source, *, kernel: str = "auto", timing_tokens=(128,), device=None) -> tuple[nn.Module, nn.Module, sources.Source]:
@@ -109,7 +85,8 @@ def bench(source, *, tokens=(128, 4096), threads=None, seq_len: int = 128, round
             torch.set_num_threads(n)
             for t in tokens:
                 inputs = make_inputs(dense, t, seq_len)
-                ms = {k: v * 1e3 for k, v in time_models({"dense": dense, "sparse": sparse}, inputs, rounds).items()}
+                fns = {"dense": lambda: first_output(dense, inputs), "sparse": lambda: first_output(sparse, inputs)}
+                ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds, inputs["input_ids"].device).items()}
                 batch, seq = inputs["input_ids"].shape
                 rows.append({"threads": n, "tokens": t, "batch": f"{batch}x{seq}", "dense_ms": ms["dense"],
                              "sparse_ms": ms["sparse"], "speedup": ms["dense"] / ms["sparse"],

@@ -3,8 +3,6 @@ the sparse kernel and dense GEMM, chosen from the layer's sparsity and shape and
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +11,7 @@ from torch import nn
 from .. import backends, ops
 from . import sources
 from .modules import SparseLinear, dense_linear, semi_structured_linear
+from .timing import interleaved_medians
 
 KERNELS = ("auto", "sparse", "dense", "2:4")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,8 +42,9 @@ class LayerPlan:
 
 def convert(source, *, kernel: str = "auto", timing_tokens: tuple[int, ...] = (128,), device=None) -> nn.Module:
     """An inference copy of ``source`` (a model, a path that :func:`sparsebert.deploy.sources.resolve`
-    accepts, or a :class:`~sparsebert.deploy.sources.Source`, whose model is converted in place) whose prunable Linear layers hold packed weights (:class:`SparseLinear`), dense weights
-    (``nn.Linear``) or 2:4 semi-structured weights, per ``kernel``:
+    accepts, or a :class:`~sparsebert.deploy.sources.Source`, whose model is then converted in place)
+    whose prunable Linear layers hold packed weights (:class:`SparseLinear`), dense weights (``nn.Linear``)
+    or 2:4 semi-structured weights, per ``kernel``:
 
     - ``"auto"``: per layer, the sparse kernel where it is faster than dense GEMM: timed at each of
       ``timing_tokens`` (empty: decided by sparsity alone, see ``SPARSE_FROM``);
@@ -125,19 +125,6 @@ def build_layer(plan: LayerPlan, weight: torch.Tensor, keep: torch.Tensor, bias:
 def time_layer(weight: torch.Tensor, packed: ops.SparseWeight, tokens: int) -> dict:
     """Median times of dense F.linear and sparse_linear on one random input, in interleaved rounds."""
     x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    runs = {"dense": lambda: F.linear(x, weight), "sparse": lambda: ops.sparse_linear(x, *packed[:3])}
-    samples = {k: [] for k in runs}
-    for _ in range(TIMING_ROUNDS + 1):
-        for key, fn in runs.items():
-            samples[key].append(_elapsed(fn, weight.device))
-    # The first round warms up caches and allocators.
-    return {"tokens": tokens, **{f"{k}_ms": statistics.median(v[1:]) * 1e3 for k, v in samples.items()}}
-
-
-def _elapsed(fn, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+    medians = interleaved_medians({"dense": lambda: F.linear(x, weight), "sparse": lambda: ops.sparse_linear(x, *packed[:3])},
+                                  TIMING_ROUNDS, weight.device)
+    return {"tokens": tokens, **{f"{k}_ms": v * 1e3 for k, v in medians.items()}}

@@ -104,7 +104,8 @@ def save_pretrained(model: nn.Module, directory, *, overwrite: bool = False) -> 
     dtype = str(next(t for n, t in tensors.items() if n.endswith(".values")).dtype).removeprefix("torch.")
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "sparsebert_version": __version__,
                 "architecture": type(model).__name__, "dtype": dtype, "layers": json.dumps(layers),
-                "aliases": json.dumps(aliases), "sha256": content_hash(tensors)}
+                "aliases": json.dumps(aliases), "modules": json.dumps([n for n, _ in model.named_modules()]),
+                "sha256": content_hash(tensors)}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
@@ -177,6 +178,7 @@ def from_pretrained(directory, *, device="cpu", kernel: str | None = None, timin
     aliases = json.loads(metadata.get("aliases", "{}"))
     config = transformers.AutoConfig.from_pretrained(directory)
     model = getattr(transformers, metadata["architecture"])(config).to(device=device, dtype=dtype)
+    _drop_absent_modules(model, json.loads(metadata.get("modules", "[]")))
     with torch.no_grad():
         for plan in layers:
             weight, keep, bias = _layer_tensors(tensors, plan, dtype, device, path)
@@ -192,6 +194,18 @@ def from_pretrained(directory, *, device="cpu", kernel: str | None = None, timin
     model.sparsebert_deploy = {"source": "deployed model", "source_dir": str(directory),
                                "layers": [dataclasses.asdict(p) for p in layers]}
     return model.eval()
+
+
+def _drop_absent_modules(model: nn.Module, saved: list[str]) -> None:
+    """Optional submodules the saved model was built without (e.g. BertModel(add_pooling_layer=False)'s
+    pooler): constructor arguments are not in the config, so the rebuilt model has them; set them to None."""
+    saved = set(saved)
+    if not saved:
+        return
+    for name, _ in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if name not in saved and parent in saved:
+            setattr(model.get_submodule(parent) if parent else model, child, None)
 
 
 def _layer_tensors(tensors, plan: LayerPlan, dtype, device, path):
