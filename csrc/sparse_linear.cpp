@@ -10,7 +10,6 @@
 // The AVX-512 path is chosen at run time when torch's own CPU capability is AVX512 (so
 // ATEN_CPU_CAPABILITY=avx2/default also selects the portable path); the portable path is the same
 // tiling in plain loops, vectorised by the compiler for AVX2 or the baseline ISA.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
@@ -330,17 +329,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
       sparse_linear_kernel<4>(p, tokens);
     }
   };
-  const auto with_index = [&](auto value_tag) {
-    if (columns.scalar_type() == at::kShort) {
-      run(value_tag, int16_t{});
-    } else {
-      run(value_tag, int32_t{});
-    }
-  };
-  AT_DISPATCH_SWITCH(x.scalar_type(), "sparse_linear_cpu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { with_index(scalar_t{}); })
-                         AT_DISPATCH_CASE(at::kBFloat16, [&] { with_index(scalar_t{}); })
-                             AT_DISPATCH_CASE(at::kHalf, [&] { with_index(scalar_t{}); }));
+  dispatch_sparse_types(x, columns, run);
   return y;
 }
 

@@ -7,7 +7,6 @@
 // shared memory so that y is written in coalesced 32-row segments of each token's output.
 // Out-of-range columns or row offsets (a corrupt packed weight) trip a device-side assertion,
 // as out-of-range indices do in ATen's indexing kernels.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -98,17 +97,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
                                           tokens, in_features, out_features, values.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  const auto with_index = [&](auto value_tag) {
-    if (columns.scalar_type() == at::kShort) {
-      launch(value_tag, int16_t{});
-    } else {
-      launch(value_tag, int32_t{});
-    }
-  };
-  AT_DISPATCH_SWITCH(x.scalar_type(), "sparse_linear_cuda",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { with_index(scalar_t{}); })
-                         AT_DISPATCH_CASE(at::kBFloat16, [&] { with_index(scalar_t{}); })
-                             AT_DISPATCH_CASE(at::kHalf, [&] { with_index(scalar_t{}); }));
+  dispatch_sparse_types(x, columns, launch);
   return y;
 }
 

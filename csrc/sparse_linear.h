@@ -9,9 +9,11 @@
 //   columns     [nblocks]       int16 or int32, each in [0, in_features)
 //   row_offsets [out / R + 1]   int32, row_offsets[0] = 0, nondecreasing, last = nblocks
 // R = 1 is row CSR. R = 4 serves 4x1 block-pruned weights: one load of an activation feeds 4 rows.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <optional>
 
 namespace sparsebert {
@@ -54,6 +56,23 @@ inline int64_t check_sparse_linear(const at::Tensor& x, const at::Tensor& values
                 out_features, "] (out_features), got ", bias->sizes());
   }
   return out_features;
+}
+
+// Calls fn(T{}, Idx{}) with T the value type of x (float, BFloat16 or Half) and Idx the index type of
+// columns (int16_t or int32_t), both checked by check_sparse_linear.
+template <typename Fn>
+void dispatch_sparse_types(const at::Tensor& x, const at::Tensor& columns, const Fn& fn) {
+  const auto with_index = [&](auto value_tag) {
+    if (columns.scalar_type() == at::kShort) {
+      fn(value_tag, int16_t{});
+    } else {
+      fn(value_tag, int32_t{});
+    }
+  };
+  AT_DISPATCH_SWITCH(x.scalar_type(), "sparse_linear",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { with_index(scalar_t{}); })
+                         AT_DISPATCH_CASE(at::kBFloat16, [&] { with_index(scalar_t{}); })
+                             AT_DISPATCH_CASE(at::kHalf, [&] { with_index(scalar_t{}); }));
 }
 
 }  // namespace sparsebert
