@@ -135,6 +135,16 @@ def test_bfloat16_model():
     torch.testing.assert_close(logits(deployed).float(), logits(model).float(), rtol=3e-2, atol=3e-2)
 
 
+def test_autocast_runs_the_packed_weight_in_its_own_dtype():
+    model = pruned()
+    deployed = deploy.convert(model, kernel="sparse")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = logits(deployed), logits(model)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    with pytest.raises(RuntimeError, match="values have dtype Float but x has dtype Half"):
+        deployed.bert.encoder.layer[0].attention.self.query(torch.zeros(2, 32, dtype=torch.float16))
+
+
 # ---------------------------------------------------------------------------------------
 # The compressed file
 

@@ -31,6 +31,9 @@ class SparseLinear(nn.Module):
         return ops.unpack_sparse(self.packed)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != self.values.dtype:
+            # Custom ops are not autocast; the packed weight has one dtype, so the input follows it.
+            x = x.to(self.values.dtype)
         return ops.sparse_linear(x, self.values, self.columns, self.row_offsets, self.bias)
 
     def extra_repr(self) -> str:
