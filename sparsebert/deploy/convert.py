@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import backends, ops
 from . import sources
-from .modules import SparseLinear, dense_linear, semi_structured_linear
+from .modules import SparseLinear, check_semi_structured, dense_linear, semi_structured_linear
 from .timing import interleaved_medians
 
 KERNELS = ("auto", "sparse", "dense", "2:4")
@@ -57,7 +57,7 @@ def convert(source, *, kernel: str = "auto", timing_tokens: tuple[int, ...] = (1
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     src = source if isinstance(source, sources.Source) else sources.load(source)
     model = src.model if device is None else src.model.to(device)
-    _check_model(model, src)
+    _check_model(model, src, kernel)
     plans = []
     with torch.no_grad():
         for name, keep in src.masks.items():
@@ -82,11 +82,13 @@ def check_target(device: torch.device, dtype: torch.dtype, where: str) -> None:
         raise ValueError(f"{where}: the model is on {device} but sparsebert was built without CUDA kernels")
 
 
-def _check_model(model: nn.Module, src: sources.Source) -> None:
+def _check_model(model: nn.Module, src: sources.Source, kernel: str) -> None:
     """Unsupported dtype or device, or nothing pruned: an error before any layer is converted."""
     for name in src.masks:
         weight = model.get_submodule(name).weight
         check_target(weight.device, weight.dtype, name)
+        if kernel == "2:4":
+            check_semi_structured(weight, name)
     numel = sum(k.numel() for k in src.masks.values())
     nnz = sum(int(k.sum()) for k in src.masks.values())
     if nnz == numel:

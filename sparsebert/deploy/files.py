@@ -51,8 +51,7 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 def _weight_and_keep(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(module, SparseLinear):
-        ones = module.packed._replace(values=torch.ones_like(module.values))
-        return module.dense_weight(), ops.unpack_sparse(ones).bool()
+        return module.dense_weight(), module.kept()
     weight = module.weight
     if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
         weight = weight.to_dense()

@@ -30,6 +30,10 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> Tensor:
         return ops.unpack_sparse(self.packed)
 
+    def kept(self) -> Tensor:
+        """Bool [out, in]: the stored entries (all of a kept block, zeros included)."""
+        return ops.unpack_sparse(self.packed._replace(values=torch.ones_like(self.values))).bool()
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_autocast_enabled(x.device.type) and x.dtype != self.values.dtype:
             # Custom ops are not autocast; the packed weight has one dtype, so the input follows it.
@@ -54,24 +58,26 @@ def dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
     return linear
 
 
-def semi_structured_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An nn.Linear whose weight is PyTorch's 2:4 semi-structured sparse tensor (sparse tensor cores).
-
-    Needs a CUDA GPU of compute capability 8.0 or newer, float16 or bfloat16 weights, and a 2:4 pattern.
-    """
+def check_semi_structured(weight: Tensor, name: str = "weight") -> None:
+    """PyTorch's 2:4 kernels need a CUDA GPU of compute capability 8.0+, float16 or bfloat16, and at most
+    2 nonzeros in every 4 consecutive weights of a row."""
     if weight.device.type != "cuda":
-        raise ValueError(f"the 2:4 semi-structured kernel needs a CUDA GPU (compute capability 8.0+); the weight is on "
-                         f"{weight.device}. Use kernel 'sparse' or 'auto' on this device")
+        raise ValueError(f"{name}: the 2:4 semi-structured kernel needs a CUDA GPU (compute capability 8.0+); the "
+                         f"weight is on {weight.device}. Use kernel 'sparse' or 'auto' on this device")
     major, minor = torch.cuda.get_device_capability(weight.device)
     if major < 8:
-        raise ValueError(f"the 2:4 semi-structured kernel needs compute capability 8.0+, {torch.cuda.get_device_name(weight.device)} "
-                         f"has {major}.{minor}")
+        raise ValueError(f"{name}: the 2:4 semi-structured kernel needs compute capability 8.0+, "
+                         f"{torch.cuda.get_device_name(weight.device)} has {major}.{minor}")
     if weight.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the 2:4 semi-structured kernel needs float16 or bfloat16 weights, got {weight.dtype}")
-    groups = (weight != 0).view(weight.shape[0], -1, 4).sum(-1) if weight.shape[1] % 4 == 0 else None
-    if groups is None or bool((groups > 2).any()):
-        raise ValueError(f"the 2:4 semi-structured kernel needs at most 2 nonzeros in every 4 consecutive weights of a row; "
-                         f"this {tuple(weight.shape)} weight is not 2:4-pruned")
+        raise ValueError(f"{name}: the 2:4 semi-structured kernel needs float16 or bfloat16 weights, got {weight.dtype}")
+    if weight.shape[1] % 4 or bool(((weight != 0).view(weight.shape[0], -1, 4).sum(-1) > 2).any()):
+        raise ValueError(f"{name}: the 2:4 semi-structured kernel needs at most 2 nonzeros in every 4 consecutive "
+                         f"weights of a row; this {tuple(weight.shape)} weight is not 2:4-pruned")
+
+
+def semi_structured_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear whose weight is PyTorch's 2:4 semi-structured sparse tensor (sparse tensor cores)."""
+    check_semi_structured(weight)
     linear = dense_linear(weight, bias)
     linear.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(linear.weight), requires_grad=False)
     return linear

@@ -11,7 +11,6 @@ import torch
 import transformers
 from torch import nn
 
-from .. import ops
 from ..sparsity import checkpoint
 from ..sparsity.modules import MaskedLinear
 from ..sparsity.sparsify import SparsifyConfig
@@ -110,7 +109,7 @@ def from_module(model: nn.Module, kind: str) -> Source:
                 _replace(plain, name, dense_linear(weight, module.bias))
             elif isinstance(module, SparseLinear):
                 weight = module.dense_weight()
-                keep = ops.unpack_sparse(module.packed._replace(values=torch.ones_like(module.values))).bool()
+                keep = module.kept()
                 _replace(plain, name, dense_linear(weight, module.bias))
             elif isinstance(module, nn.Linear) and selection.selects(name):
                 weight = module.weight
@@ -121,8 +120,9 @@ def from_module(model: nn.Module, kind: str) -> Source:
             else:
                 continue
             masks[name] = keep
-    if hasattr(plain, "sparsebert_config"):
-        del plain.sparsebert_config
+    for attribute in ("sparsebert_config", "sparsebert_deploy"):
+        if hasattr(plain, attribute):
+            delattr(plain, attribute)
     if not masks:
         raise ValueError(f"the {kind} has no prunable nn.Linear layers (none matches {selection.include})")
     return Source(plain, masks, kind)
