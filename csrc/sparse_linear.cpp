@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -189,9 +190,9 @@ SPARSEBERT_AVX512 void store_rows(const float* rows, int64_t nrows, int64_t toke
 
 template <int R, int V, typename T, typename Idx>
 SPARSEBERT_AVX512 void tile(const Problem<T, Idx>& p, int64_t t0, int64_t tokens, int64_t n0, int64_t n1,
-                            float* panel, float* rows) {
+                            float* panel, bool pack, float* rows) {
   constexpr int W = 16 * V;
-  pack_panel<V>(p.x + t0 * p.ldx, p.ldx, tokens, p.in_features, panel);
+  if (pack) pack_panel<V>(p.x + t0 * p.ldx, p.ldx, tokens, p.in_features, panel);
   for (int64_t n = n0; n < n1; n += kOutRows) {
     const int64_t nrows = std::min<int64_t>(kOutRows, n1 - n);
     for (int64_t g = n / R; g < ceil_div(n + nrows, R); ++g) {
@@ -203,13 +204,13 @@ SPARSEBERT_AVX512 void tile(const Problem<T, Idx>& p, int64_t t0, int64_t tokens
 }
 
 template <int R, typename T, typename Idx>
-void run_tile(const Problem<T, Idx>& p, int64_t t0, int64_t tokens, int64_t n0, int64_t n1, float* panel,
+void run_tile(const Problem<T, Idx>& p, int64_t t0, int64_t tokens, int64_t n0, int64_t n1, float* panel, bool pack,
               float* rows) {
   switch (ceil_div(tokens, 16)) {
-    case 1: return tile<R, 1>(p, t0, tokens, n0, n1, panel, rows);
-    case 2: return tile<R, 2>(p, t0, tokens, n0, n1, panel, rows);
-    case 3: return tile<R, 3>(p, t0, tokens, n0, n1, panel, rows);
-    default: return tile<R, 4>(p, t0, tokens, n0, n1, panel, rows);
+    case 1: return tile<R, 1>(p, t0, tokens, n0, n1, panel, pack, rows);
+    case 2: return tile<R, 2>(p, t0, tokens, n0, n1, panel, pack, rows);
+    case 3: return tile<R, 3>(p, t0, tokens, n0, n1, panel, pack, rows);
+    default: return tile<R, 4>(p, t0, tokens, n0, n1, panel, pack, rows);
   }
 }
 
@@ -222,9 +223,9 @@ namespace portable {
 
 template <int R, typename T, typename Idx>
 __attribute__((target_clones("avx2", "default")))
-void run_tile(const Problem<T, Idx>& p, int64_t t0, int64_t tokens, int64_t n0, int64_t n1, float* panel,
+void run_tile(const Problem<T, Idx>& p, int64_t t0, int64_t tokens, int64_t n0, int64_t n1, float* panel, bool pack,
               float* rows) {
-  for (int64_t k = 0; k < p.in_features; ++k) {
+  for (int64_t k = 0; pack && k < p.in_features; ++k) {
     for (int t = 0; t < kTile; ++t) {
       panel[k * kTile + t] = t < tokens ? static_cast<float>(p.x[(t0 + t) * p.ldx + k]) : 0.0f;
     }
@@ -277,28 +278,32 @@ void check_indices(const Idx* columns, int64_t nblocks, const int32_t* row_offse
               in_features, "), got values in [", static_cast<int64_t>(lo), ", ", static_cast<int64_t>(hi), "]");
 }
 
+// Tasks are (token tile, 128 output rows), taken in that order from a shared counter: a thread that starts
+// late (a loaded machine) or meets denser rows leaves the rest to the others, and a thread repacks its
+// panel only when its next task lies in another tile.
 template <int R, typename T, typename Idx>
 void sparse_linear_kernel(const Problem<T, Idx>& p, int64_t tokens) {
-  const int64_t tiles = ceil_div(tokens, kTile);
-  const int64_t out_blocks = ceil_div(p.out_features, kOutRows);
-  // Split the output rows too when there are fewer token tiles than threads (short inputs).
-  const int64_t splits = std::min(out_blocks, ceil_div(at::get_num_threads(), tiles));
+  constexpr int64_t kTaskRows = 8 * kOutRows;
+  const int64_t chunks = ceil_div(p.out_features, kTaskRows);
+  const int64_t tasks = ceil_div(tokens, kTile) * chunks;
   const bool avx512 = use_avx512();
-  at::parallel_for(0, tiles * splits, 1, [&](int64_t i0, int64_t i1) {
-    // One panel and one block of finished rows per task, 64-byte aligned by the CPU allocator.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    // One panel and one block of finished rows per thread, 64-byte aligned by the CPU allocator.
     const at::Tensor scratch = at::zeros({(p.in_features + kOutRows) * kTile}, at::kFloat);
     float* panel = scratch.mutable_data_ptr<float>();
     float* rows = panel + p.in_features * kTile;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t tile = i / splits, split = i % splits;
+    int64_t packed = -1;
+    for (int64_t i = next++; i < tasks; i = next++) {
+      const int64_t tile = i / chunks, n0 = i % chunks * kTaskRows;
       const int64_t t0 = tile * kTile, n_tokens = std::min<int64_t>(kTile, tokens - t0);
-      const int64_t n0 = std::min(p.out_features, split * out_blocks / splits * kOutRows);
-      const int64_t n1 = std::min(p.out_features, (split + 1) * out_blocks / splits * kOutRows);
+      const int64_t n1 = std::min(p.out_features, n0 + kTaskRows);
       if (avx512) {
-        avx512::run_tile<R>(p, t0, n_tokens, n0, n1, panel, rows);
+        avx512::run_tile<R>(p, t0, n_tokens, n0, n1, panel, tile != packed, rows);
       } else {
-        portable::run_tile<R>(p, t0, n_tokens, n0, n1, panel, rows);
+        portable::run_tile<R>(p, t0, n_tokens, n0, n1, panel, tile != packed, rows);
       }
+      packed = tile;
     }
   });
 }

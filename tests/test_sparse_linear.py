@@ -100,6 +100,24 @@ def test_non_contiguous_x(device, layout):
     torch.testing.assert_close(run(x, packed).double(), reference(x, w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("block_rows", [1, 4])
+def test_threads_give_bitwise_identical_results(block_rows):
+    # Every output is summed by one task in one order, whichever thread takes it.
+    w, _ = make_weight(300, 70, 0.8, block_rows)
+    x, b = make_x((150,), 70), torch.randn(300)
+    packed = pack_sparse(w)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(x, packed, b))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    torch.testing.assert_close(results[0].double(), reference(x, w, b), rtol=1e-4, atol=1e-4)
+
+
 def test_int32_columns_for_wide_inputs():
     w, _ = make_weight(8, 40000, 0.999)
     packed = pack_sparse(w)

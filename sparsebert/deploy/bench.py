@@ -74,9 +74,9 @@ def size_summary(model: nn.Module) -> dict:
 
 
 def bench(source, *, tokens=(128, 4096), threads=None, seq_len: int = 128, rounds: int = 5, kernel: str = "auto",
-          timing_tokens=(128,), log=print) -> dict:
+          timing_tokens=(128,), device=None, log=print) -> dict:
     """Correctness first, then dense vs sparse forward latency at each token count and thread count."""
-    dense, sparse, src = models_for(source, kernel=kernel, timing_tokens=timing_tokens)
+    dense, sparse, src = models_for(source, kernel=kernel, timing_tokens=timing_tokens, device=device)
     diff = check_agreement(dense, sparse, make_inputs(dense, min(tokens), seq_len, seed=1))
     old_threads = torch.get_num_threads()
     rows = []

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=5, help="timed rounds, each running both models once")
     b.add_argument("--kernel", **kernel)
     b.add_argument("--timing-tokens", **timing)
+    b.add_argument("--device", default=None, help="cpu (default) or cuda")
     b.add_argument("--no-report", action="store_true", help="do not write into a run directory's report")
     return parser
 
@@ -110,7 +111,8 @@ def bench_command(args) -> int:
     print(bench.HEADER)
     print("|---" * 8 + "|")
     result = bench.bench(args.model, tokens=args.tokens, threads=args.threads, seq_len=args.seq_len,
-                         rounds=args.rounds, kernel=args.kernel, timing_tokens=tuple(args.timing_tokens))
+                         rounds=args.rounds, kernel=args.kernel, timing_tokens=tuple(args.timing_tokens),
+                         device=args.device)
     print()
     print(bench.format_result(result).split("\n\n", 1)[1])
     path = pathlib.Path(args.model)
