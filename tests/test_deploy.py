@@ -217,18 +217,25 @@ def test_block_pruned_model_gets_four_row_blocks():
     torch.testing.assert_close(logits(deployed), logits(model), **TOL)
 
 
-def test_low_sparsity_layers_stay_dense_and_timing_is_recorded():
+def test_low_sparsity_layers_stay_dense_and_the_gray_zone_is_timed():
     model = pruned(sparsity=0.3, pattern="tensor")
     untimed = deploy.convert(model, timing_tokens=())
     assert all(type(m) is torch.nn.Linear for m in prunable(untimed).values())
     assert all("< 0.4" in l["reason"] for l in untimed.sparsebert_deploy["layers"])
-    model = pruned(sparsity=0.9)
+    model = pruned(sparsity=0.5, pattern="tensor")
     timed = deploy.convert(model, timing_tokens=(16, 32))
     for layer in timed.sparsebert_deploy["layers"]:
         assert [t["tokens"] for t in layer["timings"]] == [16, 32] and layer["reason"].startswith("timed")
         faster = all(t["sparse_ms"] < t["dense_ms"] for t in layer["timings"])
         assert layer["kernel"] == ("sparse" if faster else "dense")
     torch.testing.assert_close(logits(timed), logits(model), **TOL)
+    assert {l["kernel"] for l in deploy.convert(model, timing_tokens=()).sparsebert_deploy["layers"]} == {"dense"}
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the rule for the AVX-512 kernel")
+def test_high_sparsity_takes_the_sparse_kernel_without_timing():
+    deployed = deploy.convert(pruned(sparsity=0.9, pattern="tensor"), timing_tokens=(16,))
+    assert all(l["kernel"] == "sparse" and not l["timings"] for l in deployed.sparsebert_deploy["layers"])
 
 
 def test_requested_kernels():

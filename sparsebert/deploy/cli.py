@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                   help="per-layer kernel: auto (the faster of sparse and dense), sparse, dense, or 2:4 (PyTorch "
                        "semi-structured, CUDA 8.0+ GPUs only)")
     timing = dict(type=timing_list, default=[128], metavar="N[,N...]|none",
-                  help="token counts at which auto times each layer's kernels (default 128; none: by sparsity)")
+                  help="token counts at which auto times the layers that sparsity does not decide (40-60%%, or "
+                       "off the CPU's AVX-512 kernel) (default 128; none: those stay dense)")
 
     c = sub.add_parser("convert", help="compress a pruned model into a deployed model")
     c.add_argument("source")

@@ -15,9 +15,9 @@ from .timing import interleaved_medians
 
 KERNELS = ("auto", "sparse", "dense", "2:4")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Without timing, "auto" takes the sparse kernel from this sparsity on. The CPU kernel breaks even with
+# From this sparsity on, "auto" takes the CPU's AVX-512 sparse kernel without timing: it breaks even with
 # MKL at about 50% and was 1.24x to 1.75x faster at 60% over the MiniLM and BERT-base shapes at 16 to
-# 1024 tokens (one thread); on CUDA untimed "auto" keeps dense GEMM.
+# 1024 tokens (one thread), several times faster at 90%. A timing on a loaded machine is noisier than that.
 SPARSE_FROM = 0.6
 # Below this sparsity dense GEMM wins everywhere: not worth timing.
 DENSE_BELOW = 0.4
@@ -46,8 +46,9 @@ def convert(source, *, kernel: str = "auto", timing_tokens: tuple[int, ...] = (1
     whose prunable Linear layers hold packed weights (:class:`SparseLinear`), dense weights (``nn.Linear``)
     or 2:4 semi-structured weights, per ``kernel``:
 
-    - ``"auto"``: per layer, the sparse kernel where it is faster than dense GEMM: timed at each of
-      ``timing_tokens`` (empty: decided by sparsity alone, see ``SPARSE_FROM``);
+    - ``"auto"``: per layer, the sparse kernel where it is faster than dense GEMM: dense below
+      ``DENSE_BELOW`` sparsity, sparse from ``SPARSE_FROM`` with the CPU's AVX-512 kernel, and in
+      between (or on other CPUs and on CUDA) timed at each of ``timing_tokens`` (empty: dense);
     - ``"sparse"`` / ``"dense"``: every layer;
     - ``"2:4"``: PyTorch's semi-structured kernels (CUDA, compute capability 8.0+, 2:4-pruned fp16/bf16).
 
@@ -103,17 +104,22 @@ def plan_layer(name: str, weight: torch.Tensor, keep: torch.Tensor, kernel: str,
         plan.kernel, plan.reason = kernel, "requested"
     elif plan.sparsity < DENSE_BELOW:
         plan.reason = f"sparsity {plan.sparsity:.2f} < {DENSE_BELOW}"
+    elif plan.sparsity >= SPARSE_FROM and weight.device.type == "cpu" and avx512():
+        plan.kernel, plan.reason = "sparse", f"sparsity {plan.sparsity:.2f} >= {SPARSE_FROM} (AVX-512)"
     elif timing_tokens:
         packed = ops.pack_sparse(weight, ops.pack_mask(keep), block_rows=plan.block_rows)
         plan.timings = [time_layer(weight, packed, t) for t in timing_tokens]
         faster = all(t["sparse_ms"] < t["dense_ms"] for t in plan.timings)
         plan.kernel = "sparse" if faster else "dense"
         plan.reason = "timed: " + ", ".join(f"{t['tokens']} tokens {t['dense_ms'] / t['sparse_ms']:.2f}x" for t in plan.timings)
-    elif weight.device.type == "cpu" and plan.sparsity >= SPARSE_FROM:
-        plan.kernel, plan.reason = "sparse", f"sparsity {plan.sparsity:.2f} >= {SPARSE_FROM}"
     else:
-        plan.reason = f"untimed, sparsity {plan.sparsity:.2f} on {weight.device.type}"
+        plan.reason = f"sparsity {plan.sparsity:.2f} untimed on {weight.device.type}"
     return plan
+
+
+def avx512() -> bool:
+    """Whether sparse_linear runs its AVX-512 kernel here (it follows torch's CPU capability)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def build_layer(plan: LayerPlan, weight: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
