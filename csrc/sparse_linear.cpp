@@ -243,7 +243,9 @@ void run_tile(const Problem<T, Idx>& p, int64_t t0, int64_t tokens, int64_t n0, 
     for (int r = 0; r < R; ++r) {
       const int64_t n = g * R + r;
       const float bias = p.bias != nullptr ? static_cast<float>(p.bias[n]) : 0.0f;
-      for (int64_t t = 0; t < tokens; ++t) p.y[(t0 + t) * p.out_features + n] = static_cast<T>(acc[r * kTile + t] + bias);
+      for (int64_t t = 0; t < tokens; ++t) {
+        p.y[(t0 + t) * p.out_features + n] = static_cast<T>(acc[r * kTile + t] + bias);
+      }
     }
   }
 }
