@@ -9,8 +9,8 @@ its dense-with-zeros model (models). Then, in interleaved rounds (medians):
           in 4x1 blocks (4 output rows x 1 input column, at 90%); dense F.linear(x, W) vs torch CSR
           (W_csr @ x^T) vs sparse_linear on the same weights
   models  the bundled MiniLM (all-MiniLM-L6-v2) and a BERT-base-sized encoder with random weights, pruned by
-          global magnitude (and 4x1 blocks at 90%), dense-with-zeros vs deployed (sparsebert.deploy.convert,
-          kernel choice by sparsity); attention, embeddings and LayerNorms stay dense
+          global magnitude (and 4x1 blocks at 90%), dense-with-zeros vs deployed (sparsebert.deploy.convert
+          with its default per-layer kernel choice); attention, embeddings and LayerNorms stay dense
 at 128 tokens (one sequence) and 4096 tokens (32 x 128), 1 and 2 threads. Sizes: the deployed file's bytes of
 the pruned matrices against their dense float32 bytes. Targets (90% unstructured) are checked and printed.
 """
@@ -99,7 +99,7 @@ def bench_models(args):
             model = base_model(model_name).eval()
             kwargs = {"block": block} if block else {}
             Pruner(sparsify(model), "magnitude", "block" if block else "global", None, pattern_kwargs=kwargs).prune(sparsity)
-            deployed = deploy.convert(model, timing_tokens=())
+            deployed = deploy.convert(model)
             with tempfile.TemporaryDirectory() as tmp:
                 deploy.save_pretrained(deployed, pathlib.Path(tmp) / "m")
                 size = bench.size_summary(deploy.from_pretrained(pathlib.Path(tmp) / "m"))
