@@ -8,7 +8,6 @@ peak-RSS growth of a fresh subprocess (CPU) or the CUDA allocator's peak (GPU).
 """
 import argparse
 import json
-import math
 import pathlib
 import resource
 import subprocess
@@ -20,7 +19,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import sparsebert  # noqa: E402,F401
-from sparsebert.ops import mask_nnz, unpack_mask  # noqa: E402
+from sparsebert.ops import kept_count, mask_nnz, unpack_mask  # noqa: E402
+from sparsebert.ops import select as S  # noqa: E402
 from sparsebert.ops import topk as T  # noqa: E402
 
 
@@ -39,14 +39,10 @@ def reference_masks(ws, k):
     return [part.reshape(w.shape) for part, w in zip(keep.split([w.numel() for w in ws]), ws)]
 
 
-def kept_count(n, sparsity):
-    return n - math.floor(sparsity * n)
-
-
 def check(device, sparsity):
     small = bert_weights(hidden=96, inter=384, layers=2, device=device, seed=1)
     k = kept_count(sum(w.numel() for w in small), sparsity)
-    masks, _ = T.topk_masks(small, sparsity=sparsity)
+    masks, _ = S.topk_masks(small, sparsity=sparsity)
     for m, want, w in zip(masks, reference_masks(small, k), small):
         assert torch.equal(unpack_mask(m, w.shape[-1]).cpu(), want), "topk_mask differs from the reference"
     print(f"correctness: masks equal the stable-sort reference on {len(small)} small tensors (k={k})")
@@ -104,7 +100,7 @@ def main():
     ws = bert_weights(device=device)
     n = sum(w.numel() for w in ws)
     k = kept_count(n, sparsity)
-    masks, threshold = T.topk_masks(ws, sparsity=sparsity)
+    masks, threshold = S.topk_masks(ws, sparsity=sparsity)
     assert sum(mask_nnz(m) for m in masks) == k, "kept count differs from N - floor(sparsity * N)"
     print(f"correctness: {n} weights, exactly {k} kept, threshold {float(threshold):.6g}")
 

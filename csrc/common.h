@@ -17,7 +17,6 @@ inline void check_packed_mask(const at::Tensor& mask, const at::Tensor& like, co
               mask.scalar_type());
   TORCH_CHECK(mask.device() == like.device(), mask_name, " is on ", mask.device(), " but the tensor it masks is on ",
               like.device());
-  TORCH_CHECK(mask.is_contiguous(), mask_name, " must be contiguous");
   TORCH_CHECK(like.dim() >= 1, mask_name, ": the masked tensor must have at least one dimension");
   TORCH_CHECK(mask.dim() == like.dim(), mask_name, " has ", mask.dim(), " dimensions, expected ", like.dim());
   for (int64_t d = 0; d + 1 < like.dim(); ++d) {
@@ -26,6 +25,9 @@ inline void check_packed_mask(const at::Tensor& mask, const at::Tensor& like, co
   }
   TORCH_CHECK(mask.size(-1) == packed_cols(like.size(-1)), mask_name, " has shape ", mask.sizes(),
               ", expected last dimension ceil(", like.size(-1), " / 8) = ", packed_cols(like.size(-1)));
+  // Checked after the shape, so that a wrong shape is reported as such. The kernels read packed rows as
+  // plain bytes; the Python wrappers (sparsebert.ops) pass mask.contiguous().
+  TORCH_CHECK(mask.is_contiguous(), mask_name, " must be contiguous");
 }
 
 #if defined(__CUDACC__)

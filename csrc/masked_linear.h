@@ -88,9 +88,9 @@ inline void check_mask_shape(const at::Tensor& mask, int64_t out, int64_t in, co
   TORCH_CHECK(mask.scalar_type() == at::kByte, "mask must be a bit-packed uint8 mask, got ", mask.scalar_type());
   TORCH_CHECK(mask.device() == like.device(), "mask is on ", mask.device(), " but the tensor it masks is on ",
               like.device());
-  TORCH_CHECK(mask.is_contiguous(), "mask must be contiguous");
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == out && mask.size(1) == packed_cols(in), "mask has shape ",
               mask.sizes(), ", expected [", out, ", ", packed_cols(in), "] for an [", out, ", ", in, "] weight");
+  TORCH_CHECK(mask.is_contiguous(), "mask must be contiguous");
 }
 
 }  // namespace sparsebert

@@ -22,11 +22,18 @@ cpu_parallel: bool = bool(_C.with_openmp)
 
 from . import ops, optim  # noqa: E402,F401
 
+__all__ = ["Pruning", "__version__", "backends", "cpu_parallel", "ops", "optim", "sparsify"]
 
-def __getattr__(name: str):
-    # sparsebert.sparsify without importing transformers/safetensors on every `import sparsebert`.
+
+def __getattr__(name: str) -> object:
+    # sparsebert.sparsify and sparsebert.Pruning without importing transformers/safetensors on every
+    # `import sparsebert`.
     if name == "sparsify":
         from .sparsity import sparsify
 
         return sparsify
+    if name == "Pruning":
+        from .integrations import Pruning
+
+        return Pruning
     raise AttributeError(f"module 'sparsebert' has no attribute {name!r}")

@@ -30,7 +30,7 @@ def test_parse_method_refuses_bad_specs(spec):
 
 @pytest.mark.parametrize("spec", ["cap[nonsense=1]", "sparsebert-kap[distill.nonsense=1]", "prune-ofa[stage=sideways]"])
 def test_main_refuses_an_unknown_option_before_loading_anything(spec, monkeypatch, capsys):
-    monkeypatch.setattr(bench_methods, "model_path", lambda: pytest.fail("loaded the model before checking the specs"))
+    monkeypatch.setattr(bench_methods, "run_stage_dir", lambda *a: pytest.fail("trained before checking the specs"))
     with pytest.raises(SystemExit) as exit_info:
         bench_methods.main(["--methods", spec])
     assert exit_info.value.code == 2

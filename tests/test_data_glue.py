@@ -60,9 +60,9 @@ def test_errors(glue_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         glue.get_task("nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        glue.check_available(glue.get_task("rte"), tmp_path / "missing")
+        glue.check_data(glue.get_task("rte"), tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no GLUE files for task rte"):
-        glue.check_available(glue.get_task("rte"), tmp_path)
+        glue.check_data(glue.get_task("rte"), tmp_path)
     bad = tmp_path / "RTE"
     bad.mkdir()
     (bad / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")

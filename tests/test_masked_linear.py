@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebert.ops import masked_linear, movement_linear, pack_mask
-from conftest import devices, requires_cuda
+from conftest import cuda_devices, devices, is_emulated, requires_cuda, runs_cuda_kernels
 
 ops = torch.ops.sparsebert
 
@@ -30,7 +30,7 @@ def tolerances(dtype):
 
 def dtypes(device):
     # bfloat16 is optional on the CPU (it runs, through ATen's bf16 GEMMs); fp16 is CUDA only.
-    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if runs_cuda_kernels(device) else [])
 
 
 def cases():
@@ -192,6 +192,34 @@ def test_non_contiguous_inputs(device, layout, movement):
     torch.testing.assert_close(y.double(), y_ref, **tol)
     torch.testing.assert_close(x.grad.double(), rx.grad, **tol)
     torch.testing.assert_close(w.grad.double(), rw.grad, **tol)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("movement", [False, True])
+def test_non_contiguous_mask(device, movement):
+    x0, w0, b0, s0, keep, mask = make((6,), 20, 9, device, torch.float32, seed=6)
+    strided = mask.repeat_interleave(2, dim=0)[::2]  # the same bytes, every other row of a larger buffer
+    assert not strided.is_contiguous() and torch.equal(strided, mask)
+    outs = []
+    for m in (mask, strided):
+        x, w, s = leaves(x0, w0, s0)
+        y = movement_linear(x, w, s, m, b0) if movement else masked_linear(x, w, m, b0)
+        y.square().sum().backward()
+        outs.append((y, x.grad, w.grad, s.grad))
+    for a, b in zip(*outs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("movement", [False, True])
+def test_a_strided_mask_of_the_wrong_shape_is_reported_as_a_shape_error(device, movement):
+    x, w, b, s, keep, mask = make((2,), 13, 6, device, torch.float32)
+    wrong = mask.repeat(1, 3)[:, ::2]  # [6, 3] instead of [6, 2], and not contiguous
+    assert not wrong.is_contiguous()
+    for call in (lambda: movement_linear(x, w, s, wrong, b) if movement else masked_linear(x, w, wrong, b),
+                 lambda: ops.movement_linear(x, w, s, wrong, b) if movement else ops.masked_linear(x, w, wrong, b, False)):
+        with pytest.raises(RuntimeError, match=r"mask has shape \[6, 3\]"):
+            call()
 
 
 @pytest.mark.parametrize("device", devices())
@@ -357,11 +385,17 @@ def test_cuda_device_mismatch_raises():
         ops.masked_linear(x, w, mask, b.cpu(), False)
 
 
-@requires_cuda
+LARGE_SHAPES = [(4096, 768, 3072), (300, 3072, 768), (1, 7, 1), (129, 65, 257)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k,n", [(4096, 768, 3072), (300, 3072, 768), (1, 7, 1), (129, 65, 257)])
-def test_cuda_large_shapes_against_cpu(dtype, m, k, n):
-    x, w, b, _, keep, mask = make((m,), k, n, "cuda", dtype, density=0.1)
+@pytest.mark.parametrize(
+    "device,m,k,n",
+    # The BERT-sized products take minutes on the CPU harness: it runs the small ones.
+    [(d, *s) for d in cuda_devices() for s in LARGE_SHAPES if not is_emulated(d) or s[0] * s[1] * s[2] < 10**7],
+)
+def test_cuda_large_shapes_against_cpu(device, dtype, m, k, n):
+    x, w, b, _, keep, mask = make((m,), k, n, device, dtype, density=0.1)
     y = ops.masked_linear(x, w, mask, b, False)
     y_ref = reference(x, w, keep, b)
     tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-1)

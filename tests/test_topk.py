@@ -5,8 +5,9 @@ import threading
 import pytest
 import torch
 
-from conftest import devices
+from conftest import devices, kept_oracle
 from sparsebert.ops import pack_mask, unpack_mask
+from sparsebert.ops import select as S
 from sparsebert.ops import topk as T
 
 ops = torch.ops.sparsebert
@@ -121,31 +122,31 @@ def test_golden_4x4(device):
         (dict(k=10), [[0, 1, 1, 0], [1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 1]], 2.0),  # first two of three 2s
     ]
     for kw, want, threshold in cases:
-        masks, t = T.topk_masks([x], **kw)
+        masks, t = S.topk_masks([x], **kw)
         assert_masks(masks, [bits(want)], [x])
         assert float(t) == threshold
-    masks, t = T.topk_masks([x], k=3, use_abs=False)  # signed: 9 7 6
+    masks, t = S.topk_masks([x], k=3, use_abs=False)  # signed: 9 7 6
     assert_masks(masks, [bits([[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 1, 0]])], [x])
     assert float(t) == 6.0
 
-    masks, t = T.topk_masks([x], sparsity=0.5, scope="tensor")
+    masks, t = S.topk_masks([x], sparsity=0.5, scope="tensor")
     assert_masks(masks, [bits([[0, 1, 1, 0], [0, 0, 0, 1], [1, 1, 0, 1], [0, 0, 1, 1]])], [x])
     assert t.tolist() == [3.0]
 
     row_want = bits([[0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1]])
-    masks, t = T.topk_masks([x], sparsity=0.5, scope="row")
+    masks, t = S.topk_masks([x], sparsity=0.5, scope="row")
     assert_masks(masks, [row_want], [x])
     assert t.tolist() == [2.0]
-    masks, _ = T.topk_masks([x], scope="nm", n=2, m=4)
+    masks, _ = S.topk_masks([x], scope="nm", n=2, m=4)
     assert_masks(masks, [row_want], [x])
-    masks, _ = T.topk_masks([x], scope="nm", n=1, m=2)
+    masks, _ = S.topk_masks([x], scope="nm", n=1, m=2)
     assert_masks(masks, [bits([[0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 1], [0, 1, 1, 0]])], [x])
 
     # 2x2 blocks, L1: 13, 12 / 10, 18.5
     for norm in ("l1", "l2"):
-        masks, t = T.topk_masks([x], sparsity=0.5, scope="block", block=(2, 2), block_norm=norm)
+        masks, t = S.topk_masks([x], sparsity=0.5, scope="block", block=(2, 2), block_norm=norm)
         assert_masks(masks, [bits([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])], [x])
-    masks, t = T.topk_masks([x], k=2, scope="block", block=(2, 2))
+    masks, t = S.topk_masks([x], k=2, scope="block", block=(2, 2))
     assert float(t) == 13.0
 
 
@@ -160,15 +161,15 @@ def test_global_and_tensor_match_reference(device, dtype, shapes, use_abs):
     xs = make(shapes, dtype, device)
     n = sum(x.numel() for x in xs)
     for sparsity in (0.0, 0.3, 0.9):
-        k = n - math.floor(sparsity * n)
-        masks, t = T.topk_masks(xs, sparsity=sparsity, use_abs=use_abs)
+        k = kept_oracle(n, sparsity)
+        masks, t = S.topk_masks(xs, sparsity=sparsity, use_abs=use_abs)
         assert kept(masks, xs) == k
         assert_masks(masks, ref_global(xs, k, use_abs), xs)
         scores = torch.cat([(x.abs() if use_abs else x).float().flatten().cpu() for x in xs])
         assert float(t) == float(scores.sort(descending=True).values[k - 1])
 
-        masks, t = T.topk_masks(xs, sparsity=sparsity, scope="tensor", use_abs=use_abs)
-        want = [ref_global([x], x.numel() - math.floor(sparsity * x.numel()), use_abs)[0] for x in xs]
+        masks, t = S.topk_masks(xs, sparsity=sparsity, scope="tensor", use_abs=use_abs)
+        want = [ref_global([x], kept_oracle(x.numel(), sparsity), use_abs)[0] for x in xs]
         assert_masks(masks, want, xs)
         assert t.shape == (len(xs),)
 
@@ -179,8 +180,8 @@ def test_global_and_tensor_match_reference(device, dtype, shapes, use_abs):
 def test_rows_match_reference(device, dtype, shape):
     x = make([shape], dtype, device)[0]
     for sparsity in (0.0, 0.5, 0.95):
-        k = shape[-1] - math.floor(sparsity * shape[-1])
-        masks, _ = T.topk_masks([x], sparsity=sparsity, scope="row")
+        k = kept_oracle(shape[-1], sparsity)
+        masks, _ = S.topk_masks([x], sparsity=sparsity, scope="row")
         assert_masks(masks, [ref_rows(x, k)], [x])
         assert torch.all(unpack(masks, [x])[0].sum(-1) == k)
     for use_abs in (True, False):
@@ -198,7 +199,7 @@ def test_nm_match_reference_and_is_valid(device, dtype, shape, n, m):
         assert_masks([mask], [want], [x])
         groups = unpack([mask], [x])[0].reshape(-1, m)
         assert torch.all(groups.sum(-1) == n)
-    masks, _ = T.topk_masks([x], scope="nm", n=n, m=m, sparsity=1 - n / m)
+    masks, _ = S.topk_masks([x], scope="nm", n=n, m=m, sparsity=1 - n / m)
     assert_masks(masks, [ref_nm(x, n, m)], [x])
 
 
@@ -211,8 +212,8 @@ def test_block_matches_reference(device, norm, block):
     xs = [torch.randint(-4, 5, s, generator=g).float().to(device) for s in [(8, 12), (4, 8), (2, 4, 4)]]
     nblocks = sum(x.numel() for x in xs) // (block[0] * block[1])
     for sparsity in (0.0, 0.5, 0.75):
-        k = nblocks - math.floor(sparsity * nblocks)
-        masks, _ = T.topk_masks(xs, sparsity=sparsity, scope="block", block=block, block_norm=norm)
+        k = kept_oracle(nblocks, sparsity)
+        masks, _ = S.topk_masks(xs, sparsity=sparsity, scope="block", block=block, block_norm=norm)
         assert_masks(masks, ref_block(xs, k, block, norm), xs)
         assert kept(masks, xs) == k * block[0] * block[1]
 
@@ -281,7 +282,7 @@ def test_k_zero_and_all(device):
     masks, t = T.topk_mask(xs, n)
     assert_masks(masks, [torch.ones(x.shape, dtype=torch.bool) for x in xs], xs)
     assert float(t) == float(torch.cat([x.abs().flatten() for x in xs]).min())
-    masks, t = T.topk_masks(xs, sparsity=0.0)
+    masks, t = S.topk_masks(xs, sparsity=0.0)
     assert kept(masks, xs) == n
     assert T.topk_mask_rows(xs[0], 0, True).sum() == 0
 
@@ -410,13 +411,34 @@ def test_torch_compile_fullgraph(device):
     def fn(a, b):
         out = []
         for scope in ("global", "tensor", "row", "block"):
-            out += T.topk_masks([a, b], sparsity=0.5, scope=scope)[0]
-        out += T.topk_masks([a, b], scope="nm")[0]
+            out += S.topk_masks([a, b], sparsity=0.5, scope=scope)[0]
+        out += S.topk_masks([a, b], scope="nm")[0]
         return out
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(*xs), fn(*xs)):
         assert torch.equal(got, want)
+
+
+# --- kept counts ------------------------------------------------------------------------
+
+
+def test_kept_count_takes_decimal_sparsities_exactly():
+    # 0.29 * 100 is 28.999... in binary floating point: a float floor would keep 72.
+    assert T.kept_count(100, 0.29) == 71 and T.kept_count(100, 0.57) == 43 and T.kept_count(100, 0.58) == 42
+    for count in (1, 7, 100, 768, 16384, 589824):
+        for thousandths in range(1000):
+            assert T.kept_count(count, thousandths / 1000) == count - thousandths * count // 1000
+    assert T.kept_count(10, 0.0) == 10 and T.kept_count(10, 1.0) == 0
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        T.kept_count(10, 1.5)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor", "row", "block"])
+def test_topk_masks_keep_the_decimal_count(scope):
+    x = torch.randn(3, 100)
+    masks, _ = S.topk_masks([x[:1].clone()] if scope != "row" else [x], sparsity=0.29, scope=scope, block=(1, 1))
+    assert kept(masks, [x[:1]] if scope != "row" else [x]) == (71 if scope != "row" else 3 * 71)
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -429,9 +451,9 @@ def test_errors(device):
         y = x.clone()
         y[2, 3] = bad
         for call in (
-            lambda: T.topk_masks([x, y], sparsity=0.5),
-            lambda: T.topk_masks([y], sparsity=0.5, scope="row"),
-            lambda: T.topk_masks([y], scope="nm"),
+            lambda: S.topk_masks([x, y], sparsity=0.5),
+            lambda: S.topk_masks([y], sparsity=0.5, scope="row"),
+            lambda: S.topk_masks([y], scope="nm"),
             lambda: T.topk_mask([y], 0),
             lambda: T.topk_histogram([y], True, 0, 0, 16),
             lambda: T.topk_mask_from_threshold([y], True, 0, 0),
@@ -458,7 +480,7 @@ def test_errors(device):
         (dict(k=9, scope="row"), "k must be in \\[0, N\\]"),
     ):
         with pytest.raises(ValueError, match=match):
-            T.topk_masks([x], **kw)
+            S.topk_masks([x], **kw)
     with pytest.raises(RuntimeError, match="k must be in"):
         ops.topk_mask([x], 33, True)
     with pytest.raises(RuntimeError, match="k must be in"):
@@ -478,4 +500,4 @@ def test_errors(device):
     with pytest.raises(RuntimeError, match="float32, float64, bfloat16 or float16"):
         ops.topk_mask([x.int()], 1, True)
     with pytest.raises(ValueError, match="must not be empty"):
-        T.topk_masks([], k=0)
+        S.topk_masks([], k=0)

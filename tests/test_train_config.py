@@ -3,6 +3,7 @@ import pytest
 
 from sparsebert.train import cli
 from sparsebert.train import config as C
+from sparsebert.train import pipeline
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_set_refuses_empty_key_parts(key):
 
 
 def test_pipeline_resolves_each_stage(recipe):
-    cfg = cli.resolve_pipeline(overrides(["pipeline", "--method", "prune-ofa", "--tasks", "sst2,rte",
+    cfg = pipeline.resolve_pipeline(overrides(["pipeline", "--method", "prune-ofa", "--tasks", "sst2,rte",
                                           "--corpus", "pydoc"]))
     assert list(cfg["stages"]) == ["teacher-sst2", "teacher-rte", "upstream", "downstream-sst2", "downstream-rte"]
     assert cfg["stages"]["downstream-rte"]["method"]["final_sparsity"] == 0.85
@@ -92,3 +93,12 @@ def test_named_recipe(recipe):
     assert cfg["method"] == {"name": "prune-ofa", "quantize": True}
     with pytest.raises(C.ConfigError, match="no recipe recipes/prune-ofa/nope.yaml"):
         C.resolve("downstream", {"method": {"name": "prune-ofa"}, "run": {"recipe": "nope"}})
+
+
+def test_transformers_argument_names_are_aliases():
+    user = overrides(["teacher", "--model_name_or_path", "m", "--learning_rate", "3e-5", "--num_train_epochs", "2",
+                      "--per_device_train_batch_size", "8", "--output_dir", "out", "--seed", "3", "--max_steps", "7",
+                      "--max_seq_length", "64"])
+    assert user == {"model": {"name": "m"}, "training": {"lr": 3e-5, "epochs": 2.0, "batch_size": 8, "seed": 3,
+                                                         "max_steps": 7},
+                    "run": {"dir": "out"}, "data": {"max_len": 64}}

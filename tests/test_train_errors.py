@@ -1,5 +1,4 @@
 """Bad input is refused with a clear message before any work starts (no run dir is made)."""
-import json
 import shutil
 
 import pytest
@@ -36,8 +35,11 @@ def base(env, stage, run_dir, *extra):
     ("method-kwargs", ["--method", "dense", "--set", "method.nonsense=1"], "does not take these settings"),
     ("distill-kwargs", ["--method", "sparsebert-kap", "--set", "method.distill.hiden=1"],
      "unknown distill options ['hiden']"),
-    ("model-dir", ["--model", "/nonexistent/model-dir"], "cannot be loaded by transformers"),
+    ("model-dir", ["--model", "/nonexistent/model-dir"], "model '/nonexistent/model-dir': no such dir"),
+    ("model-rel-dir", ["--model", "runs/x/model"], "model 'runs/x/model': no such dir"),
+    ("hub-name", ["--model", "nobody/no-such-model"], "cannot be loaded by transformers"),
     ("data-dir", ["--data-dir", "/nonexistent/glue"], "data dir /nonexistent/glue does not exist"),
+    ("data-dir-file", ["--data-dir", __file__], "is a file; --data-dir takes the dir holding <TASK>/train.tsv"),
     ("sparsity-high", ["--set", "method.final_sparsity=1.0"], "method.final_sparsity must be a sparsity in [0, 1)"),
     ("sparsity-low", ["--set", "method.initial_sparsity=-0.1"], "must be a sparsity in [0, 1)"),
     ("key", ["--set", "training.lrr=1"], "unknown config key 'training.lrr'"),
@@ -112,3 +114,36 @@ def test_evaluate_representation_without_teacher(env, capsys, tmp_path):
     run = tmp_path / "run"
     refused(capsys, ["evaluate", "--model", str(enc), "--corpus", str(env["corpus"]), "--run-dir", str(run)],
             "pass --teacher <dense model>", run)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("empty", "", "train.tsv: empty file"),
+    ("header-only", "index\tsentence1\tsentence2\tlabel\n", "train.tsv: no examples"),
+    ("no-column", "index\tsentence1\tsentence2\n0\ta\tb\n", "train.tsv:1: expected a column 'label'"),
+    ("bad-label", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n", "train.tsv:3: label 'maybe'"),
+])
+def test_bad_data_content_is_refused_before_the_run_dir(env, capsys, tmp_path, name, text, message):
+    data = tmp_path / "glue"
+    (data / "RTE").mkdir(parents=True)
+    (data / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    (data / "RTE" / "train.tsv").write_text(text)
+    err = refused(capsys, base(env, "teacher", tmp_path / "run", "--data-dir", str(data)), message, tmp_path / "run")
+    assert err.count("\n") == 1 and err.startswith("error: ")  # one line, no traceback
+
+
+@pytest.mark.parametrize("text", ["", "\n\n   \n"])
+def test_an_empty_corpus_is_refused_before_the_run_dir(env, capsys, tmp_path, text):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text(text)
+    refused(capsys, base(env, "upstream", tmp_path / "run", "--corpus", str(corpus)), "no text", tmp_path / "run")
+
+
+def test_glue_by_name_fails_fast_offline(env, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    import time
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    argv = base(env, "teacher", tmp_path / "run")
+    del argv[argv.index("--data-dir"):argv.index("--data-dir") + 2]
+    started = time.time()
+    refused(capsys, argv, "pass --data-dir", tmp_path / "run")
+    assert time.time() - started < 30

@@ -31,6 +31,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}\x00{text}".encode()).hexdigest()[:16]
 
 
+def tensor_fingerprint(tensor: torch.Tensor) -> str:
+    """A short digest of a tensor's values (keys caches that depend on a model's weights)."""
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def _cache_path(cache_dir, kind: str, tokenizer, max_len: int, content_digest: str) -> Path | None:
     if cache_dir is None:
         return None

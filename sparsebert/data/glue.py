@@ -62,6 +62,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli-mm": "mnli"}
+HF_GLUE = "nyu-mll/glue"  # the GLUE data set's name on the Hub
 
 
 def get_task(name: str) -> Task:
@@ -109,7 +110,7 @@ def _column(header: list[str], col: str | int | None, path: Path) -> int | None:
         return col
     if col in header:
         return header.index(col)
-    raise ValueError(f"{path}: expected a column {col!r}, header has {header}")
+    raise ValueError(f"{path}:1: expected a column {col!r}, the header has {header}")
 
 
 def parse_label(task: Task, raw: str, where: str):
@@ -128,6 +129,8 @@ def load_tsv(task: Task, data_dir, split: str) -> list[dict]:
     """One split from the standard GLUE TSV layout; `test` splits have no labels."""
     path = split_file(task, data_dir, split)
     rows = read_tsv(path)
+    if not rows:
+        raise ValueError(f"{path}: empty file, no header and no examples")
     test = split.startswith("test")
     if test or task.header:
         header, rows = rows[0], rows[1:]
@@ -146,7 +149,7 @@ def load_tsv(task: Task, data_dir, split: str) -> list[dict]:
         label = None if il is None else parse_label(task, row[il], f"{path}:{n + 1 + bool(header)}")
         examples.append({"text_a": row[ia], "text_b": row[ib] if ib is not None else None, "label": label})
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise ValueError(f"{path}: no examples (only a header, or every row short of column {need + 1})")
     return examples
 
 
@@ -160,7 +163,7 @@ def load_hf(task: Task, split: str) -> list[dict]:
             "pass --data-dir <dir with GLUE TSV files> or `pip install datasets`") from None
     hf_split = {"dev": "validation", "dev_matched": "validation_matched",
                 "dev_mismatched": "validation_mismatched"}.get(split, split)
-    ds = datasets.load_dataset("glue", task.name, split=hf_split)
+    ds = datasets.load_dataset(HF_GLUE, task.name, split=hf_split)
     fa, fb = task.hf_fields
     return [{"text_a": r[fa], "text_b": r[fb] if fb else None,
              "label": None if r["label"] == -1 else (float(r["label"]) if task.labels is None else int(r["label"]))}
@@ -176,18 +179,42 @@ def load_split(task: Task, data_dir, split: str) -> list[dict]:
     return load_hf(task, split)
 
 
-def check_available(task: Task, data_dir) -> None:
-    """Fail early: the files a run will read exist."""
-    if task.builtin:
-        return
-    if data_dir is None:
-        import importlib.util
-        if importlib.util.find_spec("datasets") is None:
-            raise RuntimeError(
-                f"task {task.name}: no --data-dir given and the `datasets` package is not installed; "
-                "pass --data-dir <dir with GLUE TSV files> or `pip install datasets`")
-        return
-    if not Path(data_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"data dir {data_dir} does not exist")
+def check_data(task: Task, data_dir) -> None:
+    """Fail early, naming file and line: the splits a run reads exist, parse, and train has labels.
+    Without --data-dir the splits come from `datasets`, which must load them now (from its cache when
+    the Hub cannot be reached), not after a run dir exists."""
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"data dir {data_dir} does not exist")
+        if not root.is_dir():
+            raise NotADirectoryError(f"data dir {data_dir} is a file; --data-dir takes the dir holding <TASK>/train.tsv")
+    elif not task.builtin:
+        _check_hub_reachable(task)
     for split in ("train", *task.dev_splits):
-        split_file(task, data_dir, split)
+        examples = load_split(task, data_dir, split)
+        if split == "train" and any(e["label"] is None for e in examples):
+            raise ValueError(f"task {task.name}: the training split has examples without labels")
+
+
+def _check_hub_reachable(task: Task) -> None:
+    """`datasets` retries a missing network for a long while; decide now, in a few seconds."""
+    import importlib.util
+    import os
+    import socket
+    if importlib.util.find_spec("datasets") is None:
+        raise RuntimeError(f"task {task.name}: no --data-dir given and the `datasets` package is not installed; "
+                           "pass --data-dir <dir with GLUE TSV files> or `pip install datasets`")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            return
+        except OSError:
+            os.environ["HF_DATASETS_OFFLINE"] = "1"  # then `datasets` answers from its cache at once
+    try:
+        load_hf(task, "train")
+    except Exception as e:
+        raise RuntimeError(f"task {task.name}: no --data-dir given, the Hub cannot be reached and `datasets` has no "
+                           f"cached copy of {HF_GLUE} ({type(e).__name__}); pass --data-dir <dir with GLUE TSV "
+                           f"files, <dir>/{task.dir_name}/train.tsv>") from None

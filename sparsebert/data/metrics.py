@@ -1,59 +1,42 @@
-"""The official GLUE metrics, in numpy: accuracy, F1, Matthews correlation, Pearson and Spearman."""
+"""The official GLUE metrics, from scikit-learn and SciPy: accuracy, F1 of the positive class,
+Matthews correlation, Pearson and Spearman correlation. A correlation with a constant side is
+undefined; it counts as 0 (no correlation), as scikit-learn does for Matthews."""
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
 
 
 def accuracy(preds, labels) -> float:
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    return float((preds == labels).mean())
+    return float(skm.accuracy_score(np.asarray(labels), np.asarray(preds)))
 
 
 def f1(preds, labels, positive: int = 1) -> float:
     """Binary F1 of the positive class (GLUE MRPC/QQP); 0 when there are no true positives."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    tp = float(np.sum((preds == positive) & (labels == positive)))
-    fp = float(np.sum((preds == positive) & (labels != positive)))
-    fn = float(np.sum((preds != positive) & (labels == positive)))
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    return float(skm.f1_score(np.asarray(labels), np.asarray(preds), pos_label=positive, average="binary",
+                              zero_division=0.0))
 
 
 def matthews_corr(preds, labels) -> float:
-    """Matthews correlation for binary labels (CoLA); 0 when a marginal is constant."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    tp = float(np.sum((preds == 1) & (labels == 1)))
-    tn = float(np.sum((preds != 1) & (labels != 1)))
-    fp = float(np.sum((preds == 1) & (labels != 1)))
-    fn = float(np.sum((preds != 1) & (labels == 1)))
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
+    """Matthews correlation (CoLA); 0 when a marginal is constant."""
+    return float(skm.matthews_corrcoef(np.asarray(labels), np.asarray(preds)))
+
+
+def _correlation(fn, x, y) -> float:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    return float(fn(x, y).statistic)
 
 
 def pearson(x, y) -> float:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = np.sqrt((xc * xc).sum() * (yc * yc).sum())
-    return 0.0 if denom == 0 else float((xc * yc).sum() / denom)
-
-
-def rankdata(x) -> np.ndarray:
-    """Ranks from 1, ties get the mean of the ranks they span (as scipy.stats.rankdata)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    return _correlation(stats.pearsonr, x, y)
 
 
 def spearman(x, y) -> float:
-    return pearson(rankdata(x), rankdata(y))
+    """Spearman's rank correlation; ties get the mean of the ranks they span."""
+    return _correlation(stats.spearmanr, x, y)
 
 
 METRICS = {

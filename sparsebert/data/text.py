@@ -123,12 +123,16 @@ def _load_hf_corpus(name: str, split: str) -> list[str]:
 
 
 def check_corpus(source) -> None:
-    """Fail early on missing corpus files."""
+    """Fail early on missing corpus files, and on files or dirs that hold no text."""
     if source is None:
         raise ValueError("upstream needs a corpus: --corpus <text files> | pydoc | <datasets name>")
     for src in (source if isinstance(source, list) else [source]):
         src = str(src)
-        if src == "pydoc" or Path(src).expanduser().exists():
+        if src == "pydoc":
+            continue
+        if Path(src).expanduser().exists():
+            if not load_corpus(src)[0]:
+                raise ValueError(f"corpus {src}: no text (empty, or only blank lines)")
             continue
         if ":" in src or ("/" in src and not src.startswith((".", "/", "~"))):
             import importlib.util

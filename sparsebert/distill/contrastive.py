@@ -9,8 +9,10 @@ with P_i = {the same example} (unsupervised) or {examples with the same label} (
 Keys are the other model's representations of the batch plus negatives sampled from a memory bank.
 
 Banks are indexed by global example index (batch["index"]), never by batch position, so they stay right
-under shuffling and data-parallel sharding. They hold at most `capacity` examples (slot = index mod
-capacity, the stored index tells a hit from a collision), in float16.
+under shuffling. They hold at most `capacity` examples (slot = index mod capacity, the stored index tells
+a hit from a collision), in float16. Under data parallelism (inside `sparsebert.distributed.global_batch`)
+the keys and bank writes are the global batch's, all-gathered: every rank's banks hold what a single
+process at the same global batch holds, and each rank's anchors meet the same keys.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+
+from ..distributed import gather_rows, mean_over
 
 
 def contrastive_loss(anchors: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -27,22 +31,21 @@ def contrastive_loss(anchors: torch.Tensor, keys: torch.Tensor, positives: torch
     pos = positives.to(log_prob.dtype)
     count = pos.sum(1)
     has = count > 0
-    if not has.any():
-        return anchors.sum() * 0.0
     per_anchor = -(log_prob * pos).sum(1)[has] / count[has]
-    return per_anchor.mean()
+    return mean_over(per_anchor.sum(), has.sum())
 
 
 class MemoryBank:
     """Representations of training examples by global index: at most `capacity` of them, float16."""
 
-    def __init__(self, capacity: int, dim: int, device="cpu"):
+    def __init__(self, capacity: int, dim: int, device: torch.device | str = "cpu"):
         self.capacity, self.dim = capacity, dim
         self.feats = torch.zeros(capacity, dim, dtype=torch.float16, device=device)
         self.index = torch.full((capacity,), -1, dtype=torch.long, device=device)
         self.labels = torch.full((capacity,), -1, dtype=torch.long, device=device)
 
     def write(self, index: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store the representations (and labels) of these examples, replacing what their slots held."""
         slot = index % self.capacity
         self.feats[slot] = feats.detach().to(torch.float16)
         self.index[slot] = index
@@ -53,7 +56,8 @@ class MemoryBank:
         slot = index % self.capacity
         return self.feats[slot].float(), self.index[slot] == index
 
-    def sample(self, n: int, generator: torch.Generator, exclude: torch.Tensor | None = None):
+    def sample(self, n: int, generator: torch.Generator,
+               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Up to n stored entries (feats float32, index, labels), uniformly, skipping `exclude` indices."""
         filled = (self.index >= 0).nonzero().squeeze(1)
         if exclude is not None and filled.numel():
@@ -64,9 +68,11 @@ class MemoryBank:
         return self.feats[filled].float(), self.index[filled], self.labels[filled]
 
     def state_dict(self) -> dict:
+        """The tensors to save for resume."""
         return {"feats": self.feats, "index": self.index, "labels": self.labels}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()."""
         for key in ("feats", "index", "labels"):
             getattr(self, key).copy_(state[key])
 
@@ -91,7 +97,7 @@ class ContrastiveConfig:
 class ContrastiveModule:
     """Banks and losses for PrC, SnC and FiC. `loss(...)` is called once per training step."""
 
-    def __init__(self, config: ContrastiveConfig, dim: int, train_size: int, device="cpu"):
+    def __init__(self, config: ContrastiveConfig, dim: int, train_size: int, device: torch.device | str = "cpu"):
         self.config = config
         capacity = min(config.capacity, max(1, train_size))
         self.banks: dict[str, MemoryBank] = {}
@@ -114,21 +120,24 @@ class ContrastiveModule:
         bank = self.snapshots[self.current]
         bank.index.fill_(-1)
 
-    def _term(self, z: torch.Tensor, batch_keys: torch.Tensor, banks: list[MemoryBank], index, labels) -> dict[str, torch.Tensor]:
-        """Unsupervised and supervised losses of anchors z against keys = batch_keys (may be None) + bank entries."""
+    def _term(self, z: torch.Tensor, batch_keys: torch.Tensor, banks: list[MemoryBank], index, labels,
+              batch_index, batch_labels) -> dict[str, torch.Tensor]:
+        """Unsupervised and supervised losses of anchors z (examples `index`, `labels`) against keys =
+        batch_keys (the batch's `batch_index`, `batch_labels`; may be None) + bank entries."""
         keys, key_index, key_labels = [], [], []
+        no_labels = torch.full_like(batch_index, -1)
         if batch_keys is not None:
             keys.append(batch_keys.float())
-            key_index.append(index)
-            key_labels.append(labels if labels is not None else torch.full_like(index, -1))
+            key_index.append(batch_index)
+            key_labels.append(batch_labels if batch_labels is not None else no_labels)
         per_bank = max(1, self.config.negatives // max(1, len(banks)))
         for bank in banks:
-            if batch_keys is None:  # snapshots: the positives are this example's stored representations
-                feats, found = bank.lookup(index)
+            if batch_keys is None:  # snapshots: the positives are the examples' stored representations
+                feats, found = bank.lookup(batch_index)
                 keys.append(feats[found])
-                key_index.append(index[found])
-                key_labels.append((labels if labels is not None else torch.full_like(index, -1))[found])
-            feats, idx, lab = bank.sample(per_bank, self.generator, exclude=index)
+                key_index.append(batch_index[found])
+                key_labels.append((batch_labels if batch_labels is not None else no_labels)[found])
+            feats, idx, lab = bank.sample(per_bank, self.generator, exclude=batch_index)
             keys.append(feats.to(z.device))
             key_index.append(idx.to(z.device))
             key_labels.append(lab.to(z.device))
@@ -149,17 +158,20 @@ class ContrastiveModule:
         terms: dict[str, dict[str, torch.Tensor]] = {}
         if labels is not None and labels.is_floating_point():
             labels = None  # regression: no classes to share
+        batch = (gather_rows(index), gather_rows(labels) if labels is not None else None)
         if self.config.pretrained and pretrained_z is not None:
-            terms["prc"] = self._term(z, pretrained_z, [self.banks["pretrained"]], index, labels)
-            self.banks["pretrained"].write(index, pretrained_z, labels)
+            pretrained_z = gather_rows(pretrained_z)
+            terms["prc"] = self._term(z, pretrained_z, [self.banks["pretrained"]], index, labels, *batch)
+            self.banks["pretrained"].write(batch[0], pretrained_z, batch[1])
         if self.config.finetuned and finetuned_z is not None:
-            terms["fic"] = self._term(z, finetuned_z, [self.banks["finetuned"]], index, labels)
-            self.banks["finetuned"].write(index, finetuned_z, labels)
+            finetuned_z = gather_rows(finetuned_z)
+            terms["fic"] = self._term(z, finetuned_z, [self.banks["finetuned"]], index, labels, *batch)
+            self.banks["finetuned"].write(batch[0], finetuned_z, batch[1])
         if self.snapshots:
             past = [b for i, b in enumerate(self.snapshots) if i != self.current and (b.index >= 0).any()]
             if past:
-                terms["snc"] = self._term(z, None, past, index, labels)
-            self.snapshots[self.current].write(index, z, labels)
+                terms["snc"] = self._term(z, None, past, index, labels, *batch)
+            self.snapshots[self.current].write(batch[0], gather_rows(z), batch[1])
         total = z.sum() * 0.0
         logs = {}
         for name, parts in terms.items():
@@ -170,6 +182,7 @@ class ContrastiveModule:
         return total, logs
 
     def state_dict(self) -> dict:
+        """The tensors to save for resume."""
         state = {f"bank.{k}.{t}": v for k, b in self.banks.items() for t, v in b.state_dict().items()}
         state.update({f"snapshot.{i}.{t}": v for i, b in enumerate(self.snapshots) for t, v in b.state_dict().items()})
         state["current"], state["taken"] = self.current, self.taken
@@ -177,6 +190,7 @@ class ContrastiveModule:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()."""
         for k, b in self.banks.items():
             b.load_state_dict({t: state[f"bank.{k}.{t}"] for t in ("feats", "index", "labels")})
         for i, b in enumerate(self.snapshots):

@@ -11,15 +11,17 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-OBJECTIVES = ("classification", "regression", "mlm", "representation")
-TASK_OBJECTIVES = ("classification", "regression")
-
+from ..objectives import OBJECTIVES, model_inputs, task_loss
+from ..registry import Registry
+from ..sparsity.schedules import linear_warmup_decay
 
 @dataclasses.dataclass
 class MethodContext:
+    """What a method trains on: the student (trained, sparsified in place by setup), the frozen teacher
+    and pre-trained encoder it may learn from, the objective, and the run's sizes (docs/ARCHITECTURE.md)."""
+
     student: nn.Module
     teacher: nn.Module | None
     pretrained: nn.Module | None
@@ -37,36 +39,17 @@ class MethodContext:
             raise ValueError(f"total_steps must be positive, got {self.total_steps}")
 
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: Registry[type["Method"]] = Registry("method")
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
-    if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} is registered twice")
-    METHODS[cls.name] = cls
-    return cls
+    """Class decorator: register a Method subclass under its `name`."""
+    return METHODS.register(cls.name)(cls)
 
 
 def get_method(name: str, **config: Any) -> "Method":
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**config)
-
-
-def model_inputs(batch: dict) -> dict:
-    """The keys of a batch that a transformers model's forward takes."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
-
-def task_loss(logits: torch.Tensor, batch: dict, objective: str) -> torch.Tensor:
-    """The supervised loss of an objective: cross-entropy, MSE, or masked-LM cross-entropy."""
-    if objective == "classification":
-        return F.cross_entropy(logits, batch["labels"])
-    if objective == "regression":
-        return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
-    if objective == "mlm":
-        return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
-    raise ValueError(f"objective {objective!r} has no supervised task loss")
+    """The method registered as `name`, built from its options; NotRegistered for an unknown name."""
+    return METHODS.get(name)(**config)
 
 
 class Method:
@@ -87,16 +70,33 @@ class Method:
         so a caller can refuse a missing one before it loads anything."""
         return frozenset()
 
+    def adapt(self, model: nn.Module) -> None:
+        """Give the student the architecture this method trains (MaskedLinear modules, fewer layers), in
+        place and idempotently. setup() calls it; a caller that loads a checkpoint of this method's
+        student into a freshly loaded model calls it first, so that masks and scores have a place."""
+
     def setup(self, ctx: MethodContext) -> None:
+        """Check the context (objective, models) and prepare the student for training."""
         if ctx.objective not in self.objectives:
             raise ValueError(f"method {self.name!r} cannot train objective {ctx.objective!r}; it trains {', '.join(self.objectives)}")
         missing = sorted(role for role in self.needs() if getattr(ctx, role) is None)
         if missing:
             raise ValueError(f"method {self.name!r} trains against the {' and '.join(missing)} model: the context has none")
         self.ctx = ctx
+        self.adapt(ctx.student)
 
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """The optimizer this method trains with, over the student's parameters (after setup())."""
         return torch.optim.AdamW(self._param_groups(weight_decay), lr=lr)
+
+    def optimizer_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """{weight: packed mask} whose pruned weights an optimizer must keep at 0 (after setup())."""
+        return {}
+
+    def added_param_groups(self) -> list[dict]:
+        """Param groups for the parameters setup() added to the student (movement scores), with their own
+        absolute "lr" and "weight_decay": what an optimizer built before setup() lacks."""
+        return []
 
     def _param_groups(self, weight_decay: float, lr_scales: Sequence[tuple[re.Pattern, float]] = ()) -> list[dict]:
         """BERT convention: no weight decay on biases and LayerNorm weights. Groups by (decayed?, LR
@@ -114,27 +114,47 @@ class Method:
         return list(groups.values())
 
     def lr_at(self, step: int, base_lr: float) -> float:
-        return base_lr * linear_warmup_decay(step, self.ctx.total_steps, self.warmup_ratio)
+        """The LR of `step` for a base LR: linear warm-up over warmup_ratio of the run, then linear decay."""
+        total = self.ctx.total_steps
+        return base_lr * linear_warmup_decay(step, total, int(self.warmup_ratio * total))
 
-    def training_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        outputs = self.ctx.student(**model_inputs(batch))
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments the student's forward needs for loss_from_outputs (hidden states, attentions)."""
+        return {}
+
+    @property
+    def adds_loss_terms(self) -> bool:
+        """Whether the training loss is more than the task loss of the student's outputs (distillation,
+        contrastive terms, penalties): a loop that computes its own task loss must then use
+        loss_from_outputs."""
+        return False
+
+    @property
+    def adds_parameters(self) -> bool:
+        """Whether adapt() gives the student trainable parameters of its own (movement scores), which
+        train in added_param_groups() at their own LR."""
+        return False
+
+    def loss_from_outputs(self, batch: dict, outputs: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of `step` from the student's `outputs` on `batch` (a forward that had
+        forward_kwargs()), and its terms for logging. Teachers run inside, without gradients."""
         loss = task_loss(outputs.logits, batch, self.ctx.objective)
         return loss, {"task": loss.item()}
 
+    def training_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The student's forward on `batch`, then loss_from_outputs."""
+        outputs = self.ctx.student(**model_inputs(batch), **self.forward_kwargs())
+        return self.loss_from_outputs(batch, outputs, step)
+
     def after_step(self, step: int) -> dict[str, float]:
+        """After the optimizer step of `step`: pruning events and the like; returns what happened."""
         return {}
 
     def state_dict(self) -> dict:
+        """What resume needs beside the model's and optimizer's state."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict() (after setup and the model state of the same checkpoint)."""
         if state:
             raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
-
-
-def linear_warmup_decay(step: int, total_steps: int, warmup_ratio: float) -> float:
-    """LR multiplier: 0 -> 1 over the warm-up, then 1 -> 0 at total_steps."""
-    warmup = int(warmup_ratio * total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))

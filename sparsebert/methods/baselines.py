@@ -5,7 +5,10 @@ import math
 
 from torch import nn
 
-from .base import TASK_OBJECTIVES, Method, register_method
+from ..distributed import is_ddp
+from ..families import family_of
+from ..objectives import TASK_OBJECTIVES
+from .base import Method, register_method
 from .sparse import SparseMethod
 
 
@@ -23,16 +26,6 @@ class GradualMagnitude(SparseMethod):
     defaults = {"schedule": "cubic", "criterion": "magnitude", "pattern": "tensor", "begin_frac": 0.0, "end_frac": 0.6, "events": 100}
 
 
-def _layers(model: nn.Module) -> tuple[nn.Module, str]:
-    """(module holding the layer ModuleList, its attribute name) for BERT/RoBERTa/MiniLM and DistilBERT."""
-    for module in model.modules():
-        for attr in ("layer",):
-            layers = getattr(module, attr, None)
-            if isinstance(layers, nn.ModuleList) and len(layers) and type(module).__name__.endswith(("Encoder", "Transformer")):
-                return module, attr
-    raise ValueError("could not find the encoder's layer list")
-
-
 def layers_for_sparsity(num_layers: int, sparsity: float) -> int:
     """Layers of a dense model whose encoder non-zeros match `sparsity` of the full encoder."""
     return max(1, round(num_layers * (1.0 - sparsity)))
@@ -40,24 +33,22 @@ def layers_for_sparsity(num_layers: int, sparsity: float) -> int:
 
 def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     """Keep only the encoder layers at these indices (in place), updating the config."""
-    holder, attr = _layers(model)
-    layers = getattr(holder, attr)
-    setattr(holder, attr, nn.ModuleList([layers[i] for i in keep]))
-    for i, layer in enumerate(getattr(holder, attr)):
+    family = family_of(model)
+    layers = family.layer_list(model)
+    kept = nn.ModuleList([layers[i] for i in keep])
+    family.set_layer_list(model, kept)
+    for i, layer in enumerate(kept):
         for sub in layer.modules():  # attention modules that know their position (transformers >= 4.48)
             if hasattr(sub, "layer_idx"):
                 sub.layer_idx = i
-    for key in ("num_hidden_layers", "n_layers"):
-        if hasattr(model.config, key):
-            setattr(model.config, key, len(keep))
+    model.config.num_hidden_layers = len(keep)  # DistilBERT's config maps it to n_layers
     return model
 
 
 def small_dense(model: nn.Module, *, sparsity: float | None = None, num_layers: int | None = None) -> nn.Module:
     """A shallower dense student built from the pre-trained model by keeping every k-th layer (the last
     one included), with as many layers as match `sparsity` (or `num_layers`). In place; returns model."""
-    holder, attr = _layers(model)
-    total = len(getattr(holder, attr))
+    total = len(family_of(model).layer_list(model))
     n = num_layers if num_layers is not None else layers_for_sparsity(total, sparsity)
     if not 1 <= n <= total:
         raise ValueError(f"num_layers must be in [1, {total}], got {n}")
@@ -76,6 +67,11 @@ class SmallDense(Method):
         super().__init__(warmup_ratio=warmup_ratio)
         self.sparsity, self.num_layers = sparsity, num_layers
 
-    def setup(self, ctx) -> None:
-        super().setup(ctx)
-        small_dense(ctx.student, sparsity=self.sparsity, num_layers=self.num_layers)
+    def adapt(self, model: nn.Module) -> None:
+        """Drop layers, once: a model already made small keeps its layers."""
+        if is_ddp(model):
+            raise ValueError("small-dense removes layers of the student, which its DistributedDataParallel wrapper "
+                             "would still expect: set the method up on the unwrapped model and wrap it afterwards")
+        if not getattr(model, "sparsebert_small_dense", False):
+            small_dense(model, sparsity=self.sparsity, num_layers=self.num_layers)
+            model.sparsebert_small_dense = True

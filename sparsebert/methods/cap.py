@@ -4,7 +4,8 @@ or its structured variant over heads and FFN neurons (pattern "structured"), tra
 (snapshots during pruning) and FiC (fine-tuned teacher), each unsupervised + supervised. Sanh et al.'s
 schedule: warm-up at 0% for an epoch, cubic to the target (90-97%), cool-down at the target; masks follow
 the scores every step."""
-from .base import TASK_OBJECTIVES, register_method
+from ..objectives import TASK_OBJECTIVES
+from .base import register_method
 from .sparse import SparseMethod
 
 
@@ -17,7 +18,7 @@ class CAP(SparseMethod):
         "criterion": "movement",
         "pattern": "tensor",
         "schedule": "sanh",
-        "warmup_frac": 0.334,  # one epoch of the recipe's three: the scores need it (see recipes/cap)
+        "warmup_frac": 0.334,  # one epoch of the recipe's three: the scores need it (see sparsebert/recipes/cap)
         "cooldown_frac": 0.2,
         "frequency": 1,
         "score_lr": 1e-2,

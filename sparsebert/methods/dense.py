@@ -1,5 +1,6 @@
 """Dense fine-tuning: the teacher stage, and the reference every sparse result is compared with."""
-from .base import TASK_OBJECTIVES, Method, register_method
+from ..objectives import TASK_OBJECTIVES
+from .base import Method, register_method
 
 
 @register_method

@@ -2,7 +2,8 @@
 the pre-trained model, with the fine-tuned model as teacher. Loss: attention MSE + hidden-state MSE +
 soft cross-entropy to the teacher's predictions (no hard labels); per-matrix magnitude pruning on a cubic
 schedule of ~100 events to 90-95%."""
-from .base import TASK_OBJECTIVES, register_method
+from ..objectives import TASK_OBJECTIVES
+from .base import register_method
 from .sparse import SparseMethod
 
 

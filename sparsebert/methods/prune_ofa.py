@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+from ..distributed import unwrap
 from .base import register_method
 from .sparse import SparseMethod
 
@@ -37,6 +38,11 @@ class PruneOFA(SparseMethod):
         super().__init__(stage=stage, **{**STAGES[stage], **config})
         self.stage = stage
 
+    @property
+    def adds_loss_terms(self) -> bool:
+        # Both stages' default losses distill (set in setup(), by the objective); known before setup.
+        return True if not self.explicit_distill else super().adds_loss_terms
+
     def setup(self, ctx) -> None:
         if not self.explicit_distill:
             if self.stage == "downstream":
@@ -45,5 +51,5 @@ class PruneOFA(SparseMethod):
                 self.distill = type(self.distill)(**(KD_REPRESENTATION if ctx.objective == "representation" else KD_MLM))
         if self.stage == "upstream" and ctx.teacher is None:
             # The teacher upstream is the dense model itself, frozen before pruning starts.
-            ctx.teacher = copy.deepcopy(ctx.student).eval().requires_grad_(False)
+            ctx.teacher = copy.deepcopy(unwrap(ctx.student)).eval().requires_grad_(False)
         super().setup(ctx)

@@ -14,29 +14,30 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..distributed import is_ddp, unwrap
 from ..distill.contrastive import ContrastiveConfig, ContrastiveModule
 from ..distill.kd import DistillConfig, distill_loss
-from ..sparsity import schedules as sched
-from ..sparsity.criteria import soft_movement_penalty
-from ..sparsity.pruner import Pruner, lock
+from ..objectives import model_inputs
+from ..optim import MaskedAdamW
+from ..sparsity.criteria import CRITERIA
+from ..sparsity.pruner import Pruner
 from ..sparsity.quant import enable_qat
-from ..sparsity.sparsify import ENCODER_LINEARS, sparsify
-from .base import Method, linear_warmup_decay, model_inputs
+from ..sparsity.schedules import SCHEDULES, LRRewind, linear_warmup_decay
+from ..sparsity.sparsify import masked_modules, sparsify
+from .base import Method
 
-MOVEMENT = ("movement", "soft-movement")
-# Zero scores rank weights by movement alone, which needs about an epoch of warm-up: after a few
-# dozen near-sign-only Adam steps their masks collapse MiniLM on SST-2 (README, "CAP's movement
-# scores"). Scores from |W| make the first masks magnitude masks, for runs too short to warm up.
+# Zero scores rank weights by movement alone, which needs about an epoch of warm-up before the masks
+# stop collapsing a short run; scores from |W| make the first masks magnitude masks.
 SCORE_INITS = ("zeros", "magnitude")
 
 COMMON: dict[str, Any] = {
     "warmup_ratio": 0.1,
     "sparsity": 0.9,  # final sparsity of the pruned set
-    "targets": [ENCODER_LINEARS],  # regexes of the nn.Linear modules to prune
+    "targets": None,  # regexes of the nn.Linear modules to prune; None: the encoder matrices (sparsebert.families)
     "criterion": "magnitude",  # CRITERIA: magnitude | movement | soft-movement
     "pattern": "tensor",  # PATTERNS: global | tensor | row | nm | block | structured
     "pattern_kwargs": {},
-    "schedule": "cubic",  # cubic | one-shot | sanh | lock | none
+    "schedule": "cubic",  # SCHEDULES: cubic | one-shot | sanh | lock | none
     "initial_sparsity": 0.0,
     "begin_frac": 0.0,  # cubic: pruning window as fractions of the run, and the number of events
     "end_frac": 0.5,
@@ -70,10 +71,14 @@ class SparseMethod(Method):
         c = self.config
         if not 0.0 <= c["sparsity"] < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {c['sparsity']}")
+        schedule = SCHEDULES.get(c["schedule"])
+        self.criterion_name = getattr(schedule, "criterion", c["criterion"])
+        self.criterion = CRITERIA.get(self.criterion_name)
         if c["score_init"] not in SCORE_INITS:
             raise ValueError(f"score_init must be one of {sorted(SCORE_INITS)}, got {c['score_init']!r}")
-        if c["score_init"] != "zeros" and c["criterion"] not in MOVEMENT:
-            raise ValueError(f"score_init={c['score_init']!r} needs a movement criterion, not {c['criterion']!r}")
+        if c["score_init"] != "zeros" and not self.criterion.learns_scores:
+            raise ValueError(f"score_init={c['score_init']!r} needs a movement criterion (one that learns scores), "
+                             f"not {self.criterion_name!r}")
         self.lr_scales = _lr_scales(c["lr_scales"])
         self.distill = self._section(DistillConfig, c["distill"], "distill")
         self.contrastive_config = self._section(ContrastiveConfig, c["contrastive"], "contrastive") if c["contrastive"] else None
@@ -99,99 +104,113 @@ class SparseMethod(Method):
         return frozenset({"teacher"} if self.distill.needs_teacher or (cc and cc.finetuned) else set()) | \
             frozenset({"pretrained"} if cc and cc.pretrained else set())
 
-    def setup(self, ctx) -> None:
-        super().setup(ctx)
-        c = self.config
+    def adapt(self, model: torch.nn.Module) -> None:
+        """MaskedLinear modules (with movement scores when the criterion learns them) at the targets."""
+        model = unwrap(model)
         if self.distill.attention:
-            for model in (ctx.student, ctx.teacher):
-                _eager_attention(model)
-        modules = sparsify(ctx.student, {"include": c["targets"] or [ENCODER_LINEARS], "scores": c["criterion"] in MOVEMENT})
+            _eager_attention(model)
+        targets = {"include": self.config["targets"]} if self.config["targets"] else {}
+        sparsify(model, {**targets, "scores": self.criterion.learns_scores})
+
+    def setup(self, ctx) -> None:
+        """Works on a student wrapped in DistributedDataParallel too (its forward stays wrapped);
+        movement scores must then exist before the wrapping (DDP synchronizes only the parameters
+        it was built with). Under FSDP2, set up before fully_shard."""
+        student = unwrap(ctx.student)
+        if is_ddp(ctx.student) and self.criterion.learns_scores and \
+                (not masked_modules(student) or any(m.scores is None for m in masked_modules(student).values())):
+            raise ValueError(f"criterion {self.criterion_name!r} trains movement scores, new parameters that the "
+                             "DistributedDataParallel wrapper of the student would not synchronize: call "
+                             "sparsebert.sparsify(model, {'scores': True}) before wrapping it, or set the method up "
+                             "on the unwrapped model and wrap it afterwards")
+        super().setup(ctx)
+        c, criterion = self.config, self.criterion
+        if self.distill.attention:
+            _eager_attention(unwrap(ctx.teacher))
+        modules = masked_modules(student)
         if c["score_init"] == "magnitude":
             with torch.no_grad():
                 for module in modules.values():
                     module.scores.copy_(module.weight.abs())
-        pattern_kwargs = dict(c["pattern_kwargs"])
-        if c["pattern"] == "structured":
-            pattern_kwargs.setdefault("num_heads", ctx.student.config.num_attention_heads)
-        self.locked = c["schedule"] == "lock"
-        if self.locked:
-            self.pruner = lock(modules)
-        else:
-            schedule = self._schedule(ctx.total_steps)
-            self.pruner = Pruner(modules, c["criterion"], c["pattern"], schedule, pattern_kwargs=pattern_kwargs,
-                                 zero_weights=c["criterion"] not in MOVEMENT)
-            self.pruner.step(0)
-            self.locked = c["schedule"] == "one-shot" and schedule.at == 0
-        if c["criterion"] == "soft-movement":
-            # Soft movement's sparsity is whatever the penalty gives; one last top-k event makes it exact.
-            self.exact_pruner = Pruner(modules, "movement", c["pattern"], None, pattern_kwargs=pattern_kwargs, zero_weights=False)
+        prune_with = {"pattern_kwargs": c["pattern_kwargs"], "num_heads": student.config.num_attention_heads}
+        schedule = SCHEDULES.get(c["schedule"]).from_config(c, ctx.total_steps, criterion)
+        self.pruner = Pruner(modules, self.criterion_name, c["pattern"], schedule, **prune_with)
+        self.pruner.step(0)
+        if criterion.exact:
+            self.exact_pruner = Pruner(modules, criterion.exact, c["pattern"], None, zero_weights=False, **prune_with)
         if c["quantize"]:
             enable_qat(modules, c["quant_bits"])
         if self.contrastive_config:
-            self.contrastive = ContrastiveModule(self.contrastive_config, ctx.student.config.hidden_size, ctx.train_size, ctx.device)
+            self.contrastive = ContrastiveModule(self.contrastive_config, student.config.hidden_size, ctx.train_size, ctx.device)
             self.snapshot_every = max(1, ctx.total_steps // (self.contrastive_config.max_snapshots + 1))
 
-    def _schedule(self, total: int):
-        c = self.config
-        kind = c["schedule"]
-        if kind == "one-shot":
-            return sched.OneShot(c["sparsity"], 0)
-        if kind == "cubic":
-            return sched.Cubic.over(c["initial_sparsity"], c["sparsity"], total, c["begin_frac"], c["end_frac"], c["events"])
-        if kind == "sanh":
-            if c["criterion"] == "soft-movement":
-                return sched.SanhThreshold.over(c["threshold_initial"], c["threshold_final"], total, c["warmup_frac"], c["cooldown_frac"], c["frequency"])
-            return sched.SanhThreshold.over(c["initial_sparsity"], c["sparsity"], total, c["warmup_frac"], c["cooldown_frac"], c["frequency"])
-        if kind == "none":
-            return None
-        raise ValueError(f"unknown schedule {kind!r}; expected cubic, one-shot, sanh, lock or none")
-
-    @property
-    def pruning_end(self) -> int:
-        schedule = self.pruner.schedule
-        return getattr(schedule, "end", 0) if schedule is not None else 0
-
     # --- optimizer and LR ----------------------------------------------------------------------------
+    def optimizer_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        # A criterion that learns scores keeps pruned weights (a revived weight resumes where it was), so
+        # its weights get no optimizer mask: their gradient is already G * M. Others keep them at 0.
+        return {} if self.criterion.learns_scores else {m.weight: m.mask for m in self.pruner.modules}
+
+    def added_param_groups(self) -> list[dict]:
+        scores = [p for name, p in self.ctx.student.named_parameters() if p.requires_grad and name.endswith(".scores")]
+        # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5), without weight decay.
+        return [{"params": scores, "lr": self.config["score_lr"], "weight_decay": 0.0}] if scores else []
+
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         c = self.config
-        movement = c["criterion"] in MOVEMENT
         groups = self._param_groups(weight_decay, self.lr_scales)
-        scores = [p for name, p in self.ctx.student.named_parameters() if p.requires_grad and name.endswith(".scores")]
-        if scores:
-            # Scores move at their own LR (Sanh et al.: 1e-2 vs 3e-5): a per-group scale of the schedule.
-            groups.append({"params": scores, "weight_decay": 0.0, "lr_scale": c["score_lr"] / lr})
-        # Movement keeps pruned weights (a revived weight resumes where it was), so its weights get no
-        # optimizer mask: their gradient is already G * M. Everyone else keeps pruned weights at 0.
-        masks = {} if movement else {m.weight: m.mask for m in self.pruner.modules}
-        compact = self.locked if c["compact"] is None else c["compact"]
-        return _scaled_masked_adamw()(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, masks=masks, compact=compact)
+        for group in self.added_param_groups():  # their LR as a scale of the scheduled one
+            groups.append({**{k: v for k, v in group.items() if k != "lr"}, "lr_scale": group["lr"] / lr})
+        compact = self.pruner.locked if c["compact"] is None else c["compact"]
+        return MaskedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                           masks=self.optimizer_masks(), compact=compact)
 
     def lr_at(self, step: int, base_lr: float) -> float:
+        total = self.ctx.total_steps
         if self.config["lr_rewind"]:
-            end = self.pruning_end
-            return base_lr * sched.LRRewind(self.ctx.total_steps, end, int(self.warmup_ratio * (end or self.ctx.total_steps))).multiplier(step)
-        return base_lr * linear_warmup_decay(step, self.ctx.total_steps, self.warmup_ratio)
+            end = self.pruner.schedule.end
+            return base_lr * LRRewind(total, end, int(self.warmup_ratio * (end or total))).multiplier(step)
+        return base_lr * linear_warmup_decay(step, total, int(self.warmup_ratio * total))
 
     # --- loss ----------------------------------------------------------------------------------------
     def _forward(self, model, batch, hidden: bool, attentions: bool):
         return model(**model_inputs(batch), output_hidden_states=hidden, output_attentions=attentions)
 
-    def training_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _wants(self) -> tuple[bool, bool]:
+        """(hidden states, attentions): what the loss reads of the student's and teachers' outputs."""
+        return bool(self.distill.hidden) or self.contrastive_config is not None, bool(self.distill.attention)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        hidden, attentions = self._wants()
+        return {**({"output_hidden_states": True} if hidden else {}), **({"output_attentions": True} if attentions else {})}
+
+    @property
+    def adds_parameters(self) -> bool:
+        return self.criterion.learns_scores
+
+    @property
+    def adds_loss_terms(self) -> bool:
+        d = self.distill
+        return d.task != 1.0 or d.needs_teacher or self.criterion.penalty is not None or self.contrastive_config is not None
+
+    def loss_from_outputs(self, batch: dict, outputs: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, d = self.ctx, self.distill
         want_cls = self.contrastive is not None
-        hidden, attentions = bool(d.hidden) or want_cls, bool(d.attention)
-        student_out = self._forward(ctx.student, batch, hidden, attentions)
+        if want_cls and "index" not in batch:
+            raise ValueError(
+                f"method {self.name!r} (contrastive terms) needs batch['index']: the index of each example in the "
+                f"training set, in [0, {ctx.train_size}), which keys its memory banks. Add it to the batches (with "
+                "transformers' Trainer: an 'index' column, e.g. dataset.map(lambda e, i: {'index': i}, with_indices=True))")
+        hidden, attentions = self._wants()
         teacher_out = None
         if d.needs_teacher or (want_cls and self.contrastive_config.finetuned):
             with torch.no_grad():
                 teacher_out = self._forward(ctx.teacher, batch, hidden, attentions)
-        loss, logs = distill_loss(d, student_out, teacher_out, batch, ctx.objective)
-        if self.config["criterion"] == "soft-movement" and self.pruner.schedule is not None and not self.pruner.finalized:
-            value = self.pruner.schedule.value_at(step)
-            final = self.config["threshold_final"] or 1.0
-            penalty = soft_movement_penalty(self.pruner.modules)
+        loss, logs = distill_loss(d, outputs, teacher_out, batch, ctx.objective)
+        if self.criterion.penalty is not None and not self.pruner.finalized:
+            schedule = self.pruner.schedule
+            penalty = self.criterion.penalty(self.pruner.modules)
             # Sanh et al. ramp the penalty with the threshold schedule.
-            loss = loss + self.config["soft_lambda"] * value / final * penalty
+            loss = loss + self.config["soft_lambda"] * schedule.value_at(step) / (schedule.final or 1.0) * penalty
             logs["l1_scores"] = penalty.item()
         if want_cls:
             pretrained_z = None
@@ -199,7 +218,7 @@ class SparseMethod(Method):
                 with torch.no_grad():
                     pretrained_z = _cls(self._forward(ctx.pretrained, batch, True, False))
             labels = batch.get("labels") if ctx.objective == "classification" else None
-            extra, extra_logs = self.contrastive.loss(_cls(student_out), batch["index"], labels, pretrained_z,
+            extra, extra_logs = self.contrastive.loss(_cls(outputs), batch["index"], labels, pretrained_z,
                                                       _cls(teacher_out) if teacher_out is not None else None)
             loss = loss + extra
             logs.update(extra_logs)
@@ -208,11 +227,11 @@ class SparseMethod(Method):
     # --- pruning events ------------------------------------------------------------------------------
     def after_step(self, step: int) -> dict[str, float]:
         t = step + 1
-        stats = {} if self.locked else self.pruner.step(t)
+        stats = {} if self.pruner.locked else self.pruner.step(t)
         if self.contrastive is not None and t % self.snapshot_every == 0:
             self.contrastive.new_snapshot()
-        if t >= self.ctx.total_steps and self.config["criterion"] in MOVEMENT and not self.pruner.finalized:
-            if self.config["criterion"] == "soft-movement":
+        if t >= self.ctx.total_steps and self.criterion.learns_scores and not self.pruner.finalized:
+            if self.criterion.exact:
                 stats = self.exact_pruner.prune(self.config["sparsity"])
             self.pruner.finalize()
         return stats
@@ -229,9 +248,6 @@ class SparseMethod(Method):
             self.contrastive.load_state_dict({k[len("contrastive."):]: v for k, v in state.items() if k.startswith("contrastive.")})
 
 
-_SCALED = None
-
-
 def _lr_scales(spec: dict) -> list[tuple[re.Pattern, float]]:
     if not isinstance(spec, dict):
         raise ValueError(f"lr_scales must map parameter-name regexes to LR multipliers, got {spec!r}")
@@ -245,28 +261,6 @@ def _lr_scales(spec: dict) -> list[tuple[re.Pattern, float]]:
             raise ValueError(f"lr_scales[{pattern!r}] must be a positive number, got {scale!r}")
         out.append((compiled, float(scale)))
     return out
-
-
-def _scaled_masked_adamw():
-    """MaskedAdamW whose step multiplies each group's LR by its `lr_scale`: the trainer sets every
-    group's LR to lr_at(step) (or a LambdaLR scales them), and the scores still get their own LR."""
-    global _SCALED
-    if _SCALED is None:
-        from ..optim import MaskedAdamW
-
-        class ScaledMaskedAdamW(MaskedAdamW):
-            def step(self, closure=None):
-                saved = [group["lr"] for group in self.param_groups]
-                for group in self.param_groups:
-                    group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
-                try:
-                    return super().step(closure)
-                finally:
-                    for group, lr in zip(self.param_groups, saved):
-                        group["lr"] = lr
-
-        _SCALED = ScaledMaskedAdamW
-    return _SCALED
 
 
 def _cls(outputs) -> torch.Tensor:

@@ -6,6 +6,8 @@ Padding bits are zero.
 """
 import torch
 
+__all__ = ["mask_nnz", "pack_mask", "unpack_mask"]
+
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
 

@@ -36,7 +36,8 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     Args:
         x: ``[..., in_features]``, any strides.
         weight: ``[out_features, in_features]``, same dtype and device as ``x``.
-        mask: uint8 bit-packed mask over ``weight`` (see ``sparsebert.ops.pack_mask``).
+        mask: uint8 bit-packed mask over ``weight`` (see ``sparsebert.ops.pack_mask``), any strides
+            (the kernels read a contiguous copy of a strided one).
         bias: optional ``[out_features]``.
         weight_is_masked: the caller's promise that ``weight`` is already 0 wherever ``mask``
             is 0 (magnitude pruning, locked patterns); the forward is then a plain dense GEMM.
@@ -45,7 +46,7 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     Gradients: ``x`` and ``bias`` as for a dense linear layer with ``weight * mask``; ``weight``
     gets ``(grad_out^T x) * mask``, exactly 0 at pruned positions. ``mask`` gets none.
     """
-    return _ops.masked_linear(x, weight, mask, bias, weight_is_masked)
+    return _ops.masked_linear(x, weight, mask.contiguous(), bias, weight_is_masked)
 
 
 @torch.library.register_fake("sparsebert::masked_linear")
@@ -88,9 +89,9 @@ def movement_linear(x: Tensor, weight: Tensor, scores: Tensor, mask: Tensor, bia
     The forward equals ``masked_linear(x, weight, mask, bias)`` (``weight`` may be non-zero at
     pruned positions). ``scores`` (shape and dtype of ``weight``) only receives the
     straight-through gradient ``G * weight`` with ``G = grad_out^T x``; ``weight`` receives
-    ``G * mask``. Both come from one fused pass over ``G``.
+    ``G * mask``. Both come from one fused pass over ``G``. Any strides, as for ``masked_linear``.
     """
-    return _ops.movement_linear(x, weight, scores, mask, bias)
+    return _ops.movement_linear(x, weight, scores, mask.contiguous(), bias)
 
 
 @torch.library.register_fake("sparsebert::movement_linear")

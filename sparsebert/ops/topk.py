@@ -13,14 +13,11 @@ one call; :func:`find_threshold` drives the histogram passes from Python with an
 """
 from __future__ import annotations
 
-import math
 import struct
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-
-from .mask import pack_mask, unpack_mask
 
 __all__ = [
     "topk_histogram",
@@ -29,8 +26,9 @@ __all__ = [
     "topk_mask_rows",
     "nm_mask",
     "find_threshold",
-    "topk_masks",
+    "find_thresholds",
     "key_to_value",
+    "kept_count",
 ]
 
 _ops = torch.ops.sparsebert
@@ -121,17 +119,24 @@ def key_to_value(key: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-def _select_bucket(hist: Tensor, k: int) -> tuple[int, int]:
-    """(bucket holding the k-th largest, count strictly above it) for 1-based k."""
-    above = hist.flip(0).cumsum(0).flip(0)  # above[b] = count in buckets >= b
-    bucket = int((above >= k).nonzero().max())
-    return bucket, int(above[bucket] - hist[bucket])
+def _select_buckets(hist: Tensor, ks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of hist [G, bins]: (bucket holding the ks[g]-th largest, count strictly above it), 1-based ks."""
+    above = hist.flip(1).cumsum(1).flip(1)  # above[g, b] = count in buckets >= b, non-increasing in b
+    bucket = ((above >= ks[:, None]).sum(1) - 1).clamp(min=0)
+    rows = torch.arange(hist.shape[0])
+    return bucket, above[rows, bucket] - hist[rows, bucket]
 
 
 def _digit_schedule(device: torch.device) -> tuple[int, ...]:
     # 16-bit digits suit the CPU's per-thread histograms; on a GPU 11/11/10 bits keep the
     # per-block histograms in shared memory.
     return (11, 11, 10) if device.type == "cuda" else (16, 16)
+
+
+#: Digits of the sharded selection: three passes, each all-reducing a histogram of 2048 (then 1024) int64
+#: per selection: 40 KiB a matrix in all. 16-bit digits (the CPU's two passes) would move 1 MiB a
+#: matrix, more than gathering a 384 x 384 one; 8-bit digits move less but cost a fourth pass.
+SHARDED_DIGITS = (11, 11, 10)
 
 
 def find_threshold(
@@ -144,20 +149,37 @@ def find_threshold(
 ) -> tuple[int, int]:
     """``(threshold_key, ties_to_keep)`` such that ``topk_mask_from_threshold(tensors, use_abs,
     threshold_key, ties_to_keep)`` keeps exactly the ``k`` largest values (ties to the lower flat
-    index), by radix-select histogram passes (two 16-bit digits on CPU, 11/11/10 bits on CUDA).
-    Use :func:`key_to_value` for the threshold value.
+    index), by radix-select histogram passes (two 16-bit digits on CPU, 11/11/10 bits on CUDA,
+    ``SHARDED_DIGITS`` when sharded). Use :func:`key_to_value` for the threshold value.
 
-    Sharded weights: every rank calls this with its own non-empty shard and the *global* ``k``;
-    ranks are ordered as the global flat order (rank r's tensors come after rank r-1's).
-    ``all_reduce(hist)`` must sum an int64 tensor over ranks, in place (returning None, like
+    Sharded weights: every rank calls this with its own shard (possibly empty tensors) and the
+    *global* ``k``; ranks are ordered as the global flat order (rank r's tensors come after rank
+    r-1's). ``all_reduce(hist)`` must sum an int64 tensor over ranks, in place (returning None, like
     ``torch.distributed.all_reduce``) or returning the sum. The threshold key is then global, but
     the ties to keep are per rank: rank r keeps what is left after the ties of ranks < r, which
     needs ``all_gather(t)`` returning the per-rank values of ``t`` stacked as ``[world, *t.shape]``,
     and this process's ``rank``. Per-rank kept counts then add up to ``k`` and the concatenated
     masks equal the single-process ones.
     """
-    if k < 0:
-        raise ValueError(f"find_threshold: k must be >= 0, got {k}")
+    return find_thresholds([tensors], [k], use_abs, all_reduce, all_gather, rank)[0]
+
+
+def find_thresholds(
+    groups: Sequence[Sequence[Tensor]],
+    ks: Sequence[int],
+    use_abs: bool = True,
+    all_reduce: Callable[[Tensor], Tensor | None] | None = None,
+    all_gather: Callable[[Tensor], Tensor] | None = None,
+    rank: int = 0,
+) -> list[tuple[int, int]]:
+    """:func:`find_threshold` for several independent selections (the top ``ks[g]`` of
+    ``groups[g]``) at once: one ``all_reduce`` per pass for all of them (and one ``all_gather`` of
+    the ties), so a per-tensor selection over sharded weights costs a few collectives, not a few
+    per tensor."""
+    if len(groups) != len(ks) or not groups:
+        raise ValueError(f"find_thresholds: {len(groups)} groups and {len(ks)} ks; need one k per group, at least one")
+    if any(k < 0 for k in ks):
+        raise ValueError(f"find_threshold: k must be >= 0, got {min(ks)}")
     if all_reduce is not None and all_gather is None:
         raise ValueError("find_threshold: sharded use (all_reduce) needs all_gather and rank for the per-rank ties")
 
@@ -167,141 +189,51 @@ def find_threshold(
         out = all_reduce(hist)
         return hist if out is None else out
 
-    prefix, prefix_bits, remaining = 0, 0, k
-    bucket, local = 0, None
-    for bits in _digit_schedule(tensors[0].device):
-        local = topk_histogram(tensors, use_abs, prefix, prefix_bits, bits)
+    device = next((t.device for g in groups for t in g), torch.device("cpu"))
+    digits = SHARDED_DIGITS if all_reduce is not None else _digit_schedule(device)
+    n = len(groups)
+    prefix, remaining = torch.zeros(n, dtype=torch.int64), torch.tensor(ks, dtype=torch.int64)
+    bucket, prefix_bits, local = torch.zeros(n, dtype=torch.int64), 0, None
+    for bits in digits:
+        local = torch.stack([topk_histogram(g, use_abs, int(p), prefix_bits, bits) if g else
+                             torch.zeros(1 << bits, dtype=torch.int64, device=device) for g, p in zip(groups, prefix)])
         hist = reduce(local.clone()).cpu()
         if prefix_bits == 0:
-            total = int(hist.sum())
-            if k > total:
-                raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
-            if k == 0:
-                return 0xFFFFFFFF, 0  # no finite value has the largest key (it stands for a NaN)
-        bucket, above = _select_bucket(hist, remaining)
-        prefix, prefix_bits, remaining = (prefix << bits) | bucket, prefix_bits + bits, remaining - above
+            for k, total in zip(ks, hist.sum(1).tolist()):
+                if k > total:
+                    raise ValueError(f"find_threshold: k must be in [0, N] with N = {total}, got {k}")
+        bucket, above = _select_buckets(hist, remaining.clamp(min=1))
+        prefix, remaining = (prefix << bits) | bucket, remaining - above
+        prefix_bits += bits
     if all_gather is not None:
-        local_ties = local[bucket : bucket + 1].clone()
-        earlier = int(torch.as_tensor(all_gather(local_ties)).reshape(-1)[:rank].sum())
-        remaining = min(max(remaining - earlier, 0), int(local_ties))
-    return prefix, remaining
+        local_ties = local[torch.arange(n, device=local.device), bucket.to(local.device)].clone()
+        earlier = torch.as_tensor(all_gather(local_ties)).reshape(-1, n)[:rank].sum(0).cpu()
+        remaining = torch.minimum((remaining - earlier).clamp(min=0), local_ties.cpu())
+    # k = 0: no finite value has the largest key (it stands for a NaN)
+    return [(0xFFFFFFFF, 0) if k == 0 else (int(p), int(r)) for k, p, r in zip(ks, prefix, remaining)]
 
 
 # --- topk_masks: the public entry point ---------------------------------------------------
 
-_SCOPES = ("global", "tensor", "row", "nm", "block")
+def kept_count(count: int, sparsity: float) -> int:
+    """Elements a sparsity keeps out of ``count``: ``count - floor(sparsity * count)``, the product
+    taken exactly on the decimal the sparsity is written as (its shortest ``repr``), so that
+    ``kept_count(100, 0.29) == 71`` although ``0.29 * 100`` is 28.999... in binary floating point.
+    Every sparsebert count (patterns, the pruner's exactness check, topk_masks) comes from here."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"kept_count: sparsity must be in [0, 1], got {sparsity}")
+    # Integer arithmetic on the digits of repr (torch.compile traces it; fractions.Fraction it cannot).
+    mantissa, _, exponent = repr(float(sparsity)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits, scale = int(whole + fraction), len(fraction) - int(exponent or "0")
+    pruned = digits * count // 10**scale if scale >= 0 else digits * 10**-scale * count
+    return count - pruned
 
 
 def _kept(count: int, k: int | None, sparsity: float | None, what: str) -> int:
-    """Elements to keep out of ``count``: k itself, or count - floor(sparsity * count)."""
+    """Elements to keep out of ``count``: k itself, or what ``sparsity`` keeps."""
     if k is not None:
         if k < 0 or k > count:
             raise ValueError(f"topk_masks: k must be in [0, N] with N = {count} ({what}), got {k}")
         return k
-    return count - math.floor(sparsity * count)
-
-
-def _block_scores(x: Tensor, block: tuple[int, int], norm: str) -> Tensor:
-    br, bc = block
-    x2 = x if x.dim() >= 2 else x.unsqueeze(0)
-    rows, cols = x2.shape[-2], x2.shape[-1]
-    if rows % br or cols % bc:
-        raise ValueError(f"topk_masks: block {tuple(block)} must divide the last two dimensions, got shape {tuple(x2.shape)}")
-    blocks = x2.float().reshape(*x2.shape[:-2], rows // br, br, cols // bc, bc)
-    if norm == "l1":
-        return blocks.abs().sum((-3, -1))
-    return blocks.square().sum((-3, -1)).sqrt()
-
-
-def _expand_blocks(packed: Tensor, x: Tensor, block: tuple[int, int]) -> Tensor:
-    br, bc = block
-    x2 = x if x.dim() >= 2 else x.unsqueeze(0)
-    keep = unpack_mask(packed, x2.shape[-1] // bc)
-    keep = keep.repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)
-    return pack_mask(keep.reshape(x.shape))
-
-
-def _min_kept(x: Tensor, packed: Tensor, use_abs: bool) -> Tensor:
-    """The smallest kept score of x (+inf when nothing is kept)."""
-    score = (x.abs() if use_abs else x).float()
-    if x.numel() == 0:
-        return score.new_tensor(math.inf)
-    keep = unpack_mask(packed, x.shape[-1])
-    return torch.where(keep, score, torch.full_like(score, math.inf)).amin()
-
-
-def topk_masks(
-    tensors: Sequence[Tensor],
-    *,
-    k: int | None = None,
-    sparsity: float | None = None,
-    scope: str = "global",
-    use_abs: bool = True,
-    n: int = 2,
-    m: int = 4,
-    block: tuple[int, int] = (1, 4),
-    block_norm: str = "l1",
-) -> tuple[list[Tensor], Tensor]:
-    """Bit-packed keep-masks of the largest scores (``|w|`` when ``use_abs``, else ``w``).
-
-    Exactly one of ``k`` and ``sparsity`` (in [0, 1)); a sparsity keeps ``N - floor(sparsity * N)``
-    of the N candidates of its scope. Ties go to the lower flat index. ``scope``:
-
-    - ``"global"``: the k largest over all tensors together; threshold: the k-th largest score
-      (0-d float32, +inf for k = 0).
-    - ``"tensor"``: each tensor separately (k per tensor); threshold: one per tensor, 1-D.
-    - ``"row"``: every row (last dimension) separately (k per row); threshold: the smallest kept
-      score per tensor, 1-D.
-    - ``"nm"``: ``n`` of every ``m`` consecutive elements along the last dimension (which m must
-      divide); ``k`` must be omitted and ``sparsity`` omitted or equal to ``1 - n/m``; threshold as
-      for rows.
-    - ``"block"``: blocks of shape ``block`` over the last two dimensions (a 1-D tensor is one row),
-      scored by their ``block_norm`` ("l1" or "l2") norm of the values (``use_abs`` does not
-      apply), the k largest blocks over all tensors (k and N count blocks), expanded to element
-      masks; threshold: the k-th largest block score.
-
-    Raises ValueError for bad arguments; RuntimeError (from the op) for NaN/Inf inputs.
-    """
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("topk_masks: tensors must not be empty")
-    if scope not in _SCOPES:
-        raise ValueError(f"topk_masks: scope must be one of {_SCOPES}, got {scope!r}")
-    if scope == "nm":
-        if k is not None:
-            raise ValueError("topk_masks: scope='nm' takes n and m, not k")
-        if not (1 <= m and 0 <= n <= m):
-            raise ValueError(f"topk_masks: N:M needs 0 <= n <= m and m >= 1, got n={n}, m={m}")
-        if sparsity is not None and not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
-            raise ValueError(f"topk_masks: scope='nm' with n={n}, m={m} has sparsity {1 - n / m}, got {sparsity}")
-        for i, x in enumerate(tensors):
-            if x.shape[-1] % m:
-                raise ValueError(f"topk_masks: the last dimension of tensors[{i}] ({x.shape[-1]}) must be divisible by m={m}")
-        masks = [nm_mask(x, n, m, use_abs) for x in tensors]
-        return masks, torch.stack([_min_kept(x, mk, use_abs) for x, mk in zip(tensors, masks)])
-    if (k is None) == (sparsity is None):
-        raise ValueError("topk_masks: give exactly one of k and sparsity")
-    if sparsity is not None and not 0 <= sparsity < 1:
-        raise ValueError(f"topk_masks: sparsity must be in [0, 1), got {sparsity}")
-    if any(x.dim() == 0 for x in tensors):
-        raise ValueError("topk_masks: every tensor needs at least one dimension")
-
-    if scope == "global":
-        return topk_mask(tensors, _kept(sum(x.numel() for x in tensors), k, sparsity, "all tensors"), use_abs)
-    if scope == "tensor":
-        results = [topk_mask([x], _kept(x.numel(), k, sparsity, f"tensors[{i}]"), use_abs) for i, x in enumerate(tensors)]
-        return [mk[0] for mk, _ in results], torch.stack([t for _, t in results])
-    if scope == "row":
-        masks = [topk_mask_rows(x, _kept(x.shape[-1], k, sparsity, f"a row of tensors[{i}]"), use_abs)
-                 for i, x in enumerate(tensors)]
-        return masks, torch.stack([_min_kept(x, mk, use_abs) for x, mk in zip(tensors, masks)])
-    # block
-    if block_norm not in ("l1", "l2"):
-        raise ValueError(f"topk_masks: block_norm must be 'l1' or 'l2', got {block_norm!r}")
-    if len(block) != 2 or min(block) < 1:
-        raise ValueError(f"topk_masks: block must be two positive sizes, got {block}")
-    block = (int(block[0]), int(block[1]))
-    scores = [_block_scores(x, block, block_norm) for x in tensors]
-    kept = _kept(sum(s.numel() for s in scores), k, sparsity, "blocks of all tensors")
-    score_masks, threshold = topk_mask(scores, kept, True)
-    return [_expand_blocks(mk, x, block) for mk, x in zip(score_masks, tensors)], threshold
+    return kept_count(count, sparsity)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pathlib
+from typing import Any
 
 import torch
 import transformers
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .modules import MaskedLinear
 from .quant import enable_qat, fake_quantize
 from .report import sparsity_report
 from .sparsify import masked_modules, sparsify
@@ -21,7 +22,7 @@ METADATA = "sparsebert.json"
 FORMAT = 1
 
 
-def save_sparse(model: nn.Module, directory, *, metadata: dict | None = None) -> pathlib.Path:
+def save_sparse(model: nn.Module, directory: str | os.PathLike, *, metadata: dict | None = None) -> pathlib.Path:
     """Write config.json, the full state (masks and movement scores included) and sparsebert.json."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def save_sparse(model: nn.Module, directory, *, metadata: dict | None = None) ->
     return directory
 
 
-def load_sparse(directory, model_class: type[nn.Module] | None = None) -> nn.Module:
+def load_sparse(directory: str | os.PathLike, model_class: type[nn.Module] | None = None) -> nn.Module:
     """Rebuild the architecture from config.json, sparsify it as saved, and load every tensor (strict)."""
     directory = pathlib.Path(directory)
     meta = json.loads((directory / METADATA).read_text())
@@ -64,7 +65,7 @@ def load_sparse(directory, model_class: type[nn.Module] | None = None) -> nn.Mod
 
 
 @torch.no_grad()
-def export_dense(model: nn.Module, directory, *, tokenizer=None) -> pathlib.Path:
+def export_dense(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None) -> pathlib.Path:
     """A plain transformers checkpoint: MaskedLinear -> nn.Linear holding W * M (fake-quantized values
     when QAT is on: activation quantization is not representable there). No masks, no scores."""
     plain = copy.deepcopy(model)

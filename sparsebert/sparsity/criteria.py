@@ -3,53 +3,64 @@ shaped like their weights; a mask pattern (patterns.py) then turns scores into m
 
 Count-based criteria are ranked by `sparsebert.ops.topk_masks`; threshold-based ones (soft movement,
 pattern lock) keep `key > threshold` and their sparsity is whatever the threshold gives (counted).
+A criterion also says what it asks of the pruning around it (learnable scores, a loss penalty, a
+last exact event), so that methods look it up instead of testing its name.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
+from ..registry import Registry
 from .modules import MaskedLinear
-from .registry import CRITERIA
 
 
 @dataclasses.dataclass
 class Importance:
+    """What a criterion ranks: one key tensor per module, by |key| or by value, by count or threshold."""
+
     tensors: list[torch.Tensor]
     use_abs: bool
     by_threshold: bool = False  # select key > threshold (the schedule's value) instead of the top count
 
 
-def _scores(modules: list[MaskedLinear], criterion: str) -> list[torch.Tensor]:
-    missing = [i for i, m in enumerate(modules) if m.scores is None]
-    if missing:
-        raise ValueError(f"criterion {criterion!r} needs movement scores: sparsify with {{'scores': True}}")
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """A ranking of weights for pruning, with the traits the pruner and the methods act on."""
+
+    rank: Callable[[list[MaskedLinear]], tuple[list[torch.Tensor], bool]]  # -> (keys, rank by |key|)
+    #: Ranks learnable scores: the modules carry them, and pruned weights keep their values (a revived
+    #: weight resumes where it was) until the pruner's finalize() zeroes them.
+    learns_scores: bool = False
+    #: The schedule's value is a threshold on the keys, not a sparsity.
+    by_threshold: bool = False
+    #: A loss term on the scores that drives the sparsity (soft movement's L1), or None.
+    penalty: Callable[[list[MaskedLinear]], torch.Tensor] | None = None
+    #: A count-based criterion for one last event that makes the final sparsity exact, or None.
+    exact: str | None = None
+
+    def __call__(self, modules: list[MaskedLinear]) -> Importance:
+        tensors, use_abs = self.rank(modules)
+        return Importance(tensors, use_abs, self.by_threshold)
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def criterion(name: str, **traits: object) -> Callable:
+    """Register the decorated ranking function as criterion `name` with the given Criterion traits."""
+    def add(rank):
+        CRITERIA.register(name)(Criterion(rank, **traits))
+        return rank
+    return add
+
+
+def _scores(modules: list[MaskedLinear], name: str) -> list[torch.Tensor]:
+    if any(m.scores is None for m in modules):
+        raise ValueError(f"criterion {name!r} needs movement scores: sparsify with {{'scores': True}}")
     return [m.scores.detach() for m in modules]
-
-
-@CRITERIA.register("magnitude")
-def magnitude(modules: list[MaskedLinear]) -> Importance:
-    return Importance([m.weight.detach() for m in modules], use_abs=True)
-
-
-@CRITERIA.register("movement")
-def movement(modules: list[MaskedLinear]) -> Importance:
-    """Sanh et al. hard movement: top-k of the learned scores S (signed; S accumulates -W * dL/dW)."""
-    return Importance(_scores(modules, "movement"), use_abs=False)
-
-
-@CRITERIA.register("soft-movement")
-def soft_movement(modules: list[MaskedLinear]) -> Importance:
-    """Sanh et al. soft movement: keep sigmoid(S) > threshold; sparsity comes from the L1 penalty
-    on sigmoid(S) (see `soft_movement_penalty`), not from a count."""
-    return Importance([torch.sigmoid(s) for s in _scores(modules, "soft-movement")], use_abs=False, by_threshold=True)
-
-
-@CRITERIA.register("nonzero")
-def nonzero(modules: list[MaskedLinear]) -> Importance:
-    """Pattern lock: with threshold 0, keeps exactly the weights that are not zero now."""
-    return Importance([m.weight.detach() for m in modules], use_abs=True, by_threshold=True)
 
 
 def soft_movement_penalty(modules: list[MaskedLinear]) -> torch.Tensor:
@@ -57,3 +68,27 @@ def soft_movement_penalty(modules: list[MaskedLinear]) -> torch.Tensor:
     relaxed). Its gradient flows straight to the scores."""
     total = sum(torch.sigmoid(m.scores).sum() for m in modules)
     return total / sum(m.scores.numel() for m in modules)
+
+
+@criterion("magnitude")
+def magnitude(modules):
+    return [m.weight.detach() for m in modules], True
+
+
+@criterion("movement", learns_scores=True)
+def movement(modules):
+    """Sanh et al. hard movement: top-k of the learned scores S (signed; S accumulates -W * dL/dW)."""
+    return _scores(modules, "movement"), False
+
+
+@criterion("soft-movement", learns_scores=True, by_threshold=True, penalty=soft_movement_penalty, exact="movement")
+def soft_movement(modules):
+    """Sanh et al. soft movement: keep sigmoid(S) > threshold; sparsity comes from the L1 penalty
+    on sigmoid(S), not from a count; one last movement event makes it exact."""
+    return [torch.sigmoid(s) for s in _scores(modules, "soft-movement")], False
+
+
+@criterion("nonzero", by_threshold=True)
+def nonzero(modules):
+    """Pattern lock: with threshold 0, keeps exactly the weights that are not zero now."""
+    return [m.weight.detach() for m in modules], True

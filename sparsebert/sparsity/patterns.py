@@ -5,18 +5,16 @@ the pruner checks against the counted masks (every pruning event is exact).
 """
 from __future__ import annotations
 
-import math
-import re
-
 import torch
 
 from .. import ops
+from ..distributed import is_sharded
+from ..families import matrix_role
+from ..ops import kept_count as _kept
+from ..registry import Registry
 from .criteria import Importance
-from .registry import PATTERNS
 
-
-def _kept(n: int, sparsity: float) -> int:
-    return n - math.floor(sparsity * n)
+PATTERNS: Registry = Registry("pattern")
 
 
 def _check(sparsity: float) -> None:
@@ -70,28 +68,19 @@ def block(imp: Importance, sparsity: float, *, block: tuple[int, int] = (1, 4), 
 
 
 # Structured pruning: heads (rows of query/key/value, columns of the attention output) and FFN neurons
-# (rows of intermediate, columns of output). Group importance = sum of the element importance.
-_ROLE = {
-    "q": r"attention\.self\.query$|attention\.q_lin$",
-    "k": r"attention\.self\.key$|attention\.k_lin$",
-    "v": r"attention\.self\.value$|attention\.v_lin$",
-    "o": r"attention\.output\.dense$|attention\.out_lin$",
-    "i": r"intermediate\.dense$|ffn\.lin1$",
-    "out": r"(?<!attention\.)output\.dense$|ffn\.lin2$",
-}
+# (rows of ffn-in, columns of ffn-out). Group importance = sum of the element importance.
+QKV = ("query", "key", "value")
 
 
-def encoder_layers(names: list[str]) -> dict[str, dict[str, int]]:
-    """{layer prefix: {role: position in names}} for layers whose six matrices are all present."""
-    layers: dict[str, dict[str, int]] = {}
+def encoder_layers(names: list[str]) -> dict[int, dict[str, int]]:
+    """{layer index: {role: position in names}} for layers whose six matrices are all present."""
+    layers: dict[int, dict[str, int]] = {}
     for pos, name in enumerate(names):
-        for role, pattern in _ROLE.items():
-            found = re.search(pattern, name)
-            if found:
-                layers.setdefault(name[: found.start()], {})[role] = pos
-                break
-    incomplete = [p for p, roles in layers.items() if len(roles) != len(_ROLE)]
-    if incomplete or len(layers) * len(_ROLE) != len(names):
+        place = matrix_role(name)
+        if place is not None:
+            layers.setdefault(place[0], {})[place[1]] = pos
+    incomplete = [i for i, roles in layers.items() if len(roles) != 6]
+    if incomplete or len(layers) * 6 != len(names):
         raise ValueError(f"structured pruning needs exactly the six encoder matrices of each layer; incomplete: {incomplete}")
     return layers
 
@@ -101,16 +90,19 @@ def structured(imp: Importance, sparsity: float, *, names: list[str], num_heads:
     """Prune the same fraction of attention heads and of FFN neurons (so about `sparsity` of the weights),
     ranked over all layers (scope "global") or within each layer (scope "tensor")."""
     _check(sparsity)
+    if any(is_sharded(t) for t in imp.tensors):
+        raise ValueError("the structured pattern ranks heads and neurons over whole matrices and does not run on "
+                         "FSDP2-sharded weights: use DDP (--distributed ddp) for it")
     keys = [t.abs() if imp.use_abs else t for t in imp.tensors]
     layers = encoder_layers(names)
     heads, neurons = [], []
     for roles in layers.values():
-        q = keys[roles["q"]]
-        head_dim = q.shape[0] // num_heads
-        per_head = sum(keys[roles[r]].reshape(num_heads, head_dim, -1).sum((1, 2)) for r in "qkv")
-        per_head = per_head + keys[roles["o"]].reshape(keys[roles["o"]].shape[0], num_heads, head_dim).sum((0, 2))
+        head_dim = keys[roles["query"]].shape[0] // num_heads
+        per_head = sum(keys[roles[r]].reshape(num_heads, head_dim, -1).sum((1, 2)) for r in QKV)
+        out = keys[roles["attn-out"]]
+        per_head = per_head + out.reshape(out.shape[0], num_heads, head_dim).sum((0, 2))
         heads.append(per_head.float())
-        neurons.append((keys[roles["i"]].sum(1) + keys[roles["out"]].sum(0)).float())
+        neurons.append((keys[roles["ffn-in"]].sum(1) + keys[roles["ffn-out"]].sum(0)).float())
     head_masks, _ = ops.topk_masks(heads, sparsity=sparsity, scope=scope, use_abs=False)
     neuron_masks, _ = ops.topk_masks(neurons, sparsity=sparsity, scope=scope, use_abs=False)
     masks: list[torch.Tensor | None] = [None] * len(keys)
@@ -118,16 +110,16 @@ def structured(imp: Importance, sparsity: float, *, names: list[str], num_heads:
     for roles, hm, nmask, h, n in zip(layers.values(), head_masks, neuron_masks, heads, neurons):
         keep_h, keep_n = ops.unpack_mask(hm, h.numel()), ops.unpack_mask(nmask, n.numel())
         kept_heads, kept_neurons = kept_heads + int(keep_h.sum()), kept_neurons + int(keep_n.sum())
-        for r in "qkv":
+        for r in QKV:
             shape = keys[roles[r]].shape
             masks[roles[r]] = keep_h.repeat_interleave(shape[0] // num_heads)[:, None].expand(shape)
             expected += int(keep_h.sum()) * (shape[0] // num_heads) * shape[1]
-        shape = keys[roles["o"]].shape
-        masks[roles["o"]] = keep_h.repeat_interleave(shape[1] // num_heads)[None, :].expand(shape)
+        shape = keys[roles["attn-out"]].shape
+        masks[roles["attn-out"]] = keep_h.repeat_interleave(shape[1] // num_heads)[None, :].expand(shape)
         expected += int(keep_h.sum()) * (shape[1] // num_heads) * shape[0]
-        masks[roles["i"]] = keep_n[:, None].expand(keys[roles["i"]].shape)
-        masks[roles["out"]] = keep_n[None, :].expand(keys[roles["out"]].shape)
-        expected += int(keep_n.sum()) * (keys[roles["i"]].shape[1] + keys[roles["out"]].shape[0])
+        masks[roles["ffn-in"]] = keep_n[:, None].expand(keys[roles["ffn-in"]].shape)
+        masks[roles["ffn-out"]] = keep_n[None, :].expand(keys[roles["ffn-out"]].shape)
+        expected += int(keep_n.sum()) * (keys[roles["ffn-in"]].shape[1] + keys[roles["ffn-out"]].shape[0])
     want_h = _kept(sum(h.numel() for h in heads), sparsity) if scope == "global" else sum(_kept(h.numel(), sparsity) for h in heads)
     want_n = _kept(sum(n.numel() for n in neurons), sparsity) if scope == "global" else sum(_kept(n.numel(), sparsity) for n in neurons)
     if (kept_heads, kept_neurons) != (want_h, want_n):

@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed as D
 from .. import ops
-from .criteria import Importance
+from .criteria import CRITERIA, Importance
 from .modules import MaskedLinear
-from .registry import CRITERIA, PATTERNS
+from .patterns import PATTERNS
+from .schedules import Lock, Schedule
 
 
 class Pruner:
     """Applies pruning events. Masks are written in place (optimizers hold them by reference).
 
-    zero_weights: after an event, pruned weights are set to 0 and the module promises weight_is_masked
-    (magnitude pruning, lock). Movement keeps pruned weights so their scores can still move
-    (Sanh et al.); their products are masked out, and `finalize()` zeroes them at the end.
+    After an event, pruned weights are set to 0 and the module promises weight_is_masked (magnitude
+    pruning, lock), unless the criterion learns scores: movement keeps pruned weights so their scores
+    can still move (Sanh et al.); their products are masked out, and `finalize()` zeroes them at the end
+    (`zero_weights` overrides the criterion's choice). `num_heads` (the model's attention heads) is
+    given to every pattern; the structured one needs it. `check_ranks`: under torch.distributed, check
+    after every event that all ranks hold the same masks (see `prune`).
     """
 
-    def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule, *,
-                 pattern_kwargs: dict | None = None, zero_weights: bool = True):
+    def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule: Schedule | None, *,
+                 pattern_kwargs: dict | None = None, num_heads: int | None = None, zero_weights: bool | None = None,
+                 check_ranks: bool = True):
         if not modules:
             raise ValueError("Pruner needs at least one MaskedLinear module")
         self.names = list(modules)
@@ -28,7 +34,10 @@ class Pruner:
         self.pattern = PATTERNS.get(pattern)
         self.schedule = schedule
         self.pattern_kwargs = dict(pattern_kwargs or {})
-        self.zero_weights = zero_weights
+        if num_heads is not None:
+            self.pattern_kwargs.setdefault("num_heads", num_heads)
+        self.zero_weights = not self.criterion.learns_scores if zero_weights is None else zero_weights
+        self.check_ranks = check_ranks
         self.last_event = -1
         self.events = 0
         self.sparsity = 0.0
@@ -39,7 +48,13 @@ class Pruner:
         return sum(m.weight.numel() for m in self.modules)
 
     def nnz(self) -> int:
+        """Kept weights over the pruned modules."""
         return sum(m.nnz() for m in self.modules)
+
+    @property
+    def locked(self) -> bool:
+        """Whether the masks can no longer change (no event after t = 0)."""
+        return self.schedule is None or self.schedule.end <= 0
 
     def step(self, t: int) -> dict[str, float]:
         """Call with t = completed optimizer steps (0 before training)."""
@@ -51,27 +66,57 @@ class Pruner:
 
     @torch.no_grad()
     def prune(self, value: float) -> dict[str, float]:
-        """One event: value is the target sparsity, or the threshold for threshold criteria."""
+        """One event: value is the target sparsity, or the threshold for threshold criteria.
+
+        Sharded weights (FSDP2 DTensors) are ranked shard by shard, with the thresholds found over
+        all shards (see sparsebert.ops.topk_masks), so the masks are those of the whole weights;
+        the event reports the bytes its collectives moved (`comm_bytes`) and what gathering the
+        ranked scores would have moved instead (`gather_bytes`). Under torch.distributed every rank
+        must call it: the masks are checked to agree across ranks (MasksDiffer otherwise)."""
         imp: Importance = self.criterion(self.modules)
-        if imp.by_threshold:
-            masks = [ops.pack_mask((t.abs() if imp.use_abs else t) > value) for t in imp.tensors]
-            expected = None
-        else:
-            masks, expected = self.pattern(imp, value, names=self.names, **self.pattern_kwargs)
-        for module, mask in zip(self.modules, masks):
-            module.mask.copy_(mask)
-            if self.zero_weights:
-                self._zero(module)
+        sharded = any(D.is_sharded(t) for t in imp.tensors)
+        with D.comm_log() as comm:
+            if imp.by_threshold:
+                masks = [self._threshold_mask(t, imp.use_abs, value) for t in imp.tensors]
+                expected = None
+            else:
+                masks, expected = self.pattern(imp, value, names=self.names, **self.pattern_kwargs)
+            for module, mask in zip(self.modules, D.full_tensors(masks)):
+                module.mask.copy_(mask)
+                if self.zero_weights:
+                    self._zero(module)
+            if self.check_ranks:
+                D.check_same_on_ranks([m.mask for m in self.modules], self.names, self._group(imp.tensors),
+                                      f"after pruning to {value:g}")
         nnz = self.nnz()
         if expected is not None and nnz != expected:
             raise RuntimeError(f"pruning event kept {nnz} weights, the {self.pattern_name} pattern promised {expected}")
         self.events += 1
         self.sparsity = 1.0 - nnz / self.numel
-        return {"sparsity": self.sparsity, "target": float(value)}
+        stats = {"sparsity": self.sparsity, "target": float(value)}
+        if sharded:
+            w = D.world_size(self._group(imp.tensors))
+            stats["comm_bytes"] = comm.bytes
+            stats["gather_bytes"] = (w - 1) / w * sum(t.numel() * t.element_size() for t in imp.tensors)
+        return stats
+
+    @staticmethod
+    def _group(tensors):
+        sharded = [t for t in tensors if D.is_sharded(t)]
+        return D.shard_group(sharded[0]) if sharded else None
+
+    @staticmethod
+    def _threshold_mask(key: torch.Tensor, use_abs: bool, value: float) -> torch.Tensor:
+        """Packed mask of key > value; for a sharded key, this rank's rows as a DTensor."""
+        local = D.local(key)
+        mask = ops.pack_mask((local.abs() if use_abs else local) > value)
+        return D.shard_rows_like(mask, key) if D.is_sharded(key) else mask
 
     @staticmethod
     def _zero(module: MaskedLinear) -> None:
-        module.weight.data.mul_(module.dense_mask().to(module.weight.dtype))
+        weight = module.weight
+        keep = D.local_rows(module.dense_mask(), weight)
+        D.local(weight.data).mul_(keep.to(weight.dtype))
         module.weight_is_masked = True
 
     @torch.no_grad()
@@ -84,10 +129,12 @@ class Pruner:
         self.finalized = True
 
     def state_dict(self) -> dict:
+        """The event bookkeeping, for resume."""
         # Masks and scores live in the model's state_dict; this is the event bookkeeping.
         return {"last_event": self.last_event, "events": self.events, "sparsity": self.sparsity, "finalized": int(self.finalized)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict() after the model's state (masks) of the same checkpoint."""
         self.last_event, self.events, self.sparsity = int(state["last_event"]), int(state["events"]), float(state["sparsity"])
         if bool(state.get("finalized", 0)):
             self.finalize()
@@ -98,6 +145,6 @@ class Pruner:
 
 def lock(modules: dict[str, MaskedLinear]) -> Pruner:
     """Pattern lock: mask = (weight != 0), fixed from now on (Prune OFA downstream, one-shot fine-tuning)."""
-    pruner = Pruner(modules, "nonzero", "global", None)
-    pruner.prune(0.0)
+    pruner = Pruner(modules, Lock.criterion, "global", Lock())
+    pruner.step(0)
     return pruner

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import max_over_ranks
 from .modules import MaskedLinear
 
 
@@ -30,12 +31,13 @@ class FakeQuant(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
             with torch.no_grad():
-                current = x.detach().abs().max().float()
+                current = max_over_ranks(x.detach().abs().max().float())
                 first = self.input_max == 0
                 self.input_max.copy_(torch.where(first, current, self.momentum * self.input_max + (1 - self.momentum) * current))
         return fake_quantize(x, self.input_max, self.bits), fake_quantize(weight, weight.detach().abs().max(), self.bits)
 
 
 def enable_qat(modules: dict[str, MaskedLinear], bits: int = 8) -> None:
+    """Quantization-aware training: fake-quantize the inputs and weights of these modules' forward."""
     for module in modules.values():
         module.quantizer = FakeQuant(bits).to(module.weight.device)

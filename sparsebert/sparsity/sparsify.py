@@ -6,26 +6,26 @@ import re
 
 from torch import nn
 
+from ..distributed import is_sharded
+from ..families import encoder_matrices_regex
 from .modules import MaskedLinear
-
-# The six encoder matrices of every layer: BERT/RoBERTa/MiniLM names, then DistilBERT names.
-# Embeddings, pooler and classifier stay dense unless a config includes them.
-ENCODER_LINEARS = (
-    r"(encoder|transformer)\.layer\.\d+\.("
-    r"attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense"
-    r"|attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.(lin1|lin2))$"
-)
 
 
 @dataclasses.dataclass
 class SparsifyConfig:
-    include: list[str] = dataclasses.field(default_factory=lambda: [ENCODER_LINEARS])
+    """Which nn.Linear modules sparsify() replaces (regexes over qualified names), and movement scores."""
+
+    # Default: the six encoder matrices of every layer of every model family (sparsebert.families);
+    # embeddings, pooler and classifier stay dense unless a config includes them.
+    include: list[str] = dataclasses.field(default_factory=lambda: [encoder_matrices_regex()])
     exclude: list[str] = dataclasses.field(default_factory=list)
     scores: bool = False  # add movement scores
     score_init: float = 0.0  # Sanh et al.'s constant init (mask_scale 0)
 
     @classmethod
-    def coerce(cls, config) -> "SparsifyConfig":
+    def coerce(cls, config: "SparsifyConfig | dict | None") -> "SparsifyConfig":
+        """A config from None (the defaults), a dict of its fields (a string include/exclude is one regex)
+        or a config."""
         if config is None:
             return cls()
         if isinstance(config, cls):
@@ -40,9 +40,11 @@ class SparsifyConfig:
         return cls(**config)
 
     def to_dict(self) -> dict:
+        """The fields as a dict (stored on the model and in sparse checkpoints)."""
         return dataclasses.asdict(self)
 
     def selects(self, name: str) -> bool:
+        """Whether the module with this qualified name is included and not excluded."""
         return any(re.search(p, name) for p in self.include) and not any(re.search(p, name) for p in self.exclude)
 
 
@@ -56,6 +58,10 @@ def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None) -> d
     selected = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.selects(n)]
     if not selected:
         raise ValueError(f"sparsify: no nn.Linear module matches {config.include}")
+    sharded = [n for n, m in selected if not isinstance(m, MaskedLinear) and is_sharded(m.weight)]
+    if sharded:
+        raise ValueError(f"sparsify: {sharded[0]} is already sharded by FSDP2 (fully_shard): sparsify the model (or "
+                         "set the pruning method up) first, then fully_shard it")
     for name, module in selected:
         if isinstance(module, MaskedLinear):
             continue
@@ -70,4 +76,5 @@ def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None) -> d
 
 
 def masked_modules(model: nn.Module) -> dict[str, MaskedLinear]:
+    """{qualified name: MaskedLinear} of every masked module of the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}

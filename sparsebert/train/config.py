@@ -2,7 +2,8 @@
 
 Layers, each overriding the one before:
   1. DEFAULTS below (`training` shared by all stages, then the stage's own `<stage>.training`);
-  2. the method's recipe `recipes/<method>/<stage>.yaml` (its `method:` and `training:` sections);
+  2. the method's recipe `sparsebert/recipes/<method>/<stage>.yaml`, or --recipe FILE (its `method:`,
+     `training:` and `models:` sections);
   3. the command line (`--set a.b=value`, dotted flags, and the shortcut flags).
 The resolved config of a stage is flat: {stage, model, data, training, method, run}.
 """
@@ -11,9 +12,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from typing import Any
 
 import yaml
+
+from ..methods import NotRegistered, RecipeNotFound
+from ..methods import load_recipe as library_recipe
+from ..methods.recipes import load_recipe_file, recipe_names
+from .errors import ConfigError
 
 STAGES = ("teacher", "upstream", "downstream", "evaluate", "pipeline")
 
@@ -31,26 +38,29 @@ DEFAULTS: dict[str, Any] = {
         "eval_corpus": None,       # upstream: held-out text files; None = the last eval_fraction of the corpus
         "eval_fraction": 0.05,
         "max_len": 128,            # tokens per example / per upstream text block
-        "max_train_examples": None,  # truncate the training set (quick runs)
+        "max_train_examples": None,  # at most this many training examples (quick runs, small-task studies)
+        "subset_seed": None,       # with max_train_examples: a random subset fixed by this seed; None = the first ones
         "max_eval_examples": None,
         "mlm_probability": 0.15,
+        "augment": 0,              # variants of every training example (TinyBERT-style word replacement); 0 = off
         "objective": "auto",       # upstream: auto = mlm if the model has an MLM head, else representation
         "cache_dir": "~/.cache/sparsebert",  # tokenization cache
     },
     "training": {
         "seed": 42,
-        "epochs": 3.0,             # used when max_steps is None
+        "epochs": 3.0,             # passes over the training set (before augmentation), when max_steps is None
         "max_steps": None,
+        "min_steps": None,         # at least this many steps: small tasks get more epochs (the papers' 12-30)
         "batch_size": 32,
-        "group_by_length": False,  # batch examples of similar length (SST-2: 2.9x fewer padded tokens)
+        "group_by_length": True,   # batch examples of similar length (SST-2: 2.9x fewer padded tokens)
         "eval_batch_size": 128,
         "lr": 5e-5,
         "weight_decay": 0.01,
         "grad_clip": 1.0,
         "log_every": 10,           # steps between train-loss lines in metrics.jsonl
-        "eval_every": None,        # steps between evaluations; None = once per epoch (and at the end)
+        "eval_every": None,        # steps between evaluations; None = once per epoch, at most 10 times (and at the end)
         "checkpoint_every": 200,   # steps between checkpoints (and one at the end)
-        "keep_checkpoints": 1,
+        "keep_checkpoints": 1,     # checkpoints kept once the stage is done (0: none; 1 is kept while it runs)
     },
     "teacher": {"training": {"lr": 5e-5, "epochs": 3.0}},
     "upstream": {"training": {"lr": 1e-4, "epochs": 1.0}},
@@ -69,19 +79,19 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",          # auto | cpu | cuda | cuda:N
         "precision": "fp32",       # fp32 | bf16 | fp16 (fp16 needs cuda)
         "threads": None,           # torch CPU threads; None = torch's default
+        "time_limit": None,        # seconds of training per stage and invocation; a stage cut short says so
+        "distributed": "auto",     # under torchrun: auto (= ddp) | ddp | fsdp (FSDP2 per encoder layer); none alone
+        "dist_backend": "auto",    # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
         "smoke": False,            # reduced steps and data, same code path (tests)
-        "recipe": None,            # recipes/<method>/<recipe>.yaml for upstream/downstream; None = the stage's
-                                   # name (e.g. downstream-qat for prune-ofa, structured for cap)
+        "recipe": None,            # upstream/downstream: a recipe name of the method (downstream-qat, structured;
+                                   # None = the stage's name) or a recipe file of your own (its method.name)
     },
 }
 
 STAGE_SECTIONS = ("teacher", "upstream", "downstream", "evaluate")
 # keys of `run` that may differ between an interrupted run and its --resume
-RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir")
-
-
-class ConfigError(ValueError):
-    """A config the trainer refuses, with a message for the user."""
+RESUME_FREE = ("run.device", "run.threads", "run.out_dir", "run.dir", "run.time_limit", "run.distributed",
+               "run.dist_backend")
 
 
 def parse_value(text: str) -> Any:
@@ -146,25 +156,54 @@ def check_known_keys(user: dict) -> None:
 
 
 # recipe `training:` keys that configure another section here, and keys the trainer derives itself
-RECIPE_TRAINING_MAP = {"max_seq_len": "data.max_len"}
+RECIPE_TRAINING_MAP = {"max_seq_len": "data.max_len", "augment": "data.augment"}
 RECIPE_TRAINING_DERIVED = ("objective",)  # from the task (downstream) or the model's head (upstream)
 
 
 def load_recipe(method: str, stage: str) -> dict:
-    """The library's recipe for (method, stage), or {} when it has none (yet)."""
+    """The library's recipe for (method, stage). A method that ships no recipe at all (a user's own)
+    runs on the defaults, and an unknown one is refused by the stage's preflight with the known ones:
+    both give {}. A shipped method without a recipe for the stage is an error."""
     try:
-        from sparsebert.methods import load_recipe as lib_load_recipe
-    except ImportError:
+        return library_recipe(method, stage)
+    except NotRegistered:
         return {}
-    try:
-        recipe = lib_load_recipe(method, stage)
-    except (FileNotFoundError, KeyError):
+    except RecipeNotFound as e:
+        if recipe_names(method):
+            raise ConfigError(str(e)) from None
         return {}
-    except ValueError as e:  # a recipe that names unknown options, or an unknown method
-        if "unknown method" in str(e):
-            return {}
+    except ValueError as e:  # a recipe that names unknown options
         raise ConfigError(f"recipe {method}/{stage}: {e}") from None
-    return recipe or {}
+
+
+def is_recipe_file(recipe: str) -> bool:
+    """--recipe takes a recipe name of the method (downstream-qat) or the path of a user's own file."""
+    return recipe.endswith((".yaml", ".yml")) or "/" in recipe or os.sep in recipe
+
+
+def _recipe(stage: str, user: dict) -> tuple[str, dict]:
+    """(method name, recipe) of a stage: the teacher is dense; --recipe FILE names its own method."""
+    if stage == "teacher":
+        return "dense", load_recipe("dense", "teacher")
+    given = get_path(user, "method.name")
+    chosen = get_path(user, "run.recipe") if stage in ("upstream", "downstream") else None
+    if chosen and is_recipe_file(str(chosen)):
+        try:
+            recipe = load_recipe_file(chosen)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        except RecipeNotFound as e:
+            raise ConfigError(str(e)) from None
+        if given and given != recipe["method"]["name"]:
+            raise ConfigError(f"--method {given} but recipe {chosen} is for method {recipe['method']['name']!r}")
+        return recipe["method"]["name"], recipe
+    method = given or DEFAULTS["method"]["name"]
+    if stage == "evaluate":
+        return method, {}
+    recipe = load_recipe(method, chosen or stage)
+    if chosen and not recipe:
+        raise ConfigError(f"no recipe recipes/{method}/{chosen}.yaml")
+    return method, recipe
 
 
 def split_recipe_training(training: dict) -> tuple[dict, dict]:
@@ -178,19 +217,15 @@ def split_recipe_training(training: dict) -> tuple[dict, dict]:
         elif k in DEFAULTS["training"]:
             own[k] = v
         else:
-            import warnings
-            warnings.warn(f"recipe training.{k} is not a trainer setting; ignored", stacklevel=2)
+            raise ConfigError(f"recipe training.{k} is not a trainer setting; known: "
+                              f"{', '.join(sorted([*DEFAULTS['training'], *RECIPE_TRAINING_MAP, *RECIPE_TRAINING_DERIVED]))}")
     return own, other
 
 
 def resolve(stage: str, user: dict) -> dict:
     """The flat config of one stage run: defaults < stage defaults < recipe < user."""
     check_known_keys(user)
-    method_name = "dense" if stage == "teacher" else get_path(user, "method.name", DEFAULTS["method"]["name"])
-    recipe_name = get_path(user, "run.recipe") if stage in ("upstream", "downstream") else None
-    recipe = load_recipe(method_name, recipe_name or stage) if stage != "evaluate" else {}
-    if recipe_name and not recipe:
-        raise ConfigError(f"no recipe recipes/{method_name}/{recipe_name}.yaml")
+    method_name, recipe = _recipe(stage, user)
     training = merge(DEFAULTS["training"], DEFAULTS[stage]["training"] if stage in STAGE_SECTIONS else {})
     recipe_training, recipe_other = split_recipe_training(recipe.get("training"))
     recipe_layer: dict = {}
@@ -232,16 +267,28 @@ def apply_smoke(cfg: dict) -> None:
 
 def validate_values(cfg: dict) -> None:
     t = cfg["training"]
-    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if not isinstance(t[key], int) or t[key] <= 0:
+    for key in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
+        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] <= 0:
             raise ConfigError(f"training.{key} must be a positive integer, got {t[key]!r}")
-    if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] <= 0):
-        raise ConfigError(f"training.max_steps must be a positive integer or null, got {t['max_steps']!r}")
+    if isinstance(t["keep_checkpoints"], bool) or not isinstance(t["keep_checkpoints"], int) or t["keep_checkpoints"] < 0:
+        raise ConfigError(f"training.keep_checkpoints must be a non-negative integer, got {t['keep_checkpoints']!r}")
+    for key in ("max_steps", "min_steps"):
+        if t[key] is not None and (isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] <= 0):
+            raise ConfigError(f"training.{key} must be a positive integer or null, got {t[key]!r}")
+    augment = cfg["data"]["augment"]
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+        raise ConfigError(f"data.augment (--augment) must be a non-negative integer, got {augment!r}")
     if t["max_steps"] is None and not (isinstance(t["epochs"], (int, float)) and t["epochs"] > 0):
         raise ConfigError(f"training.epochs must be positive, got {t['epochs']!r}")
     for key in ("lr", "weight_decay"):
         if not isinstance(t[key], (int, float)) or t[key] < 0:
             raise ConfigError(f"training.{key} must be a non-negative number, got {t[key]!r}")
+    r = cfg["run"]
+    if r["threads"] is not None and (isinstance(r["threads"], bool) or not isinstance(r["threads"], int) or r["threads"] <= 0):
+        raise ConfigError(f"run.threads (--threads) must be a positive integer, got {r['threads']!r}")
+    if r["time_limit"] is not None and (isinstance(r["time_limit"], bool) or not isinstance(r["time_limit"], (int, float))
+                                        or r["time_limit"] <= 0):
+        raise ConfigError(f"run.time_limit (--time-limit) must be a positive number of seconds, got {r['time_limit']!r}")
     if cfg["run"]["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"run.precision must be fp32, bf16 or fp16, got {cfg['run']['precision']!r}")
     if not 0.0 < float(cfg["data"]["mlm_probability"]) < 1.0:
@@ -267,10 +314,13 @@ def check_sparsities(node: Any, path: str = "method") -> None:
 
 
 def comparable(cfg: dict) -> dict:
+    """The config without what may differ between a run and its resume (RESUME_FREE), in a pipeline's
+    stages and user overrides too."""
     out = copy.deepcopy(cfg)
-    out.pop("budget", None)  # the default run's time budget: how steps were planned, not what they are
     if isinstance(out.get("stages"), dict):
         out["stages"] = {k: comparable(v) for k, v in out["stages"].items()}
+    if isinstance(out.get("user"), dict):
+        out["user"] = comparable(out["user"])
     for dotted in RESUME_FREE:
         keys = dotted.split(".")
         node = out

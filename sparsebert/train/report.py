@@ -1,75 +1,27 @@
-"""Measured sparsity, and each run's report.md with its PNG plots (matplotlib, Agg backend)."""
+"""Each run's report.md with its PNG plots (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
+import yaml
 
-LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
-# short names of the prunable matrices of a BERT layer, by the end of their module name
-PARTS = [("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
-         ("attention.output.dense", "attn-out"), ("intermediate.dense", "ffn-in"), ("output.dense", "ffn-out")]
-
-
-def _kept(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """Boolean map of the weights that count: nonzero and (when the module carries a mask) unmasked."""
-    kept = weight != 0
-    mask = getattr(module, "mask", None)
-    if isinstance(mask, torch.Tensor):
-        if mask.dtype == torch.uint8 and mask.shape[-1] == (weight.shape[-1] + 7) // 8 and mask.shape[:-1] == weight.shape[:-1]:
-            from sparsebert.ops import unpack_mask
-            kept &= unpack_mask(mask, weight.shape[-1]).to(kept.device)
-        elif mask.shape == weight.shape:
-            kept &= mask.to(kept.device) != 0
-    return kept
-
-
-@torch.no_grad()
-def measure_sparsity(model: torch.nn.Module) -> dict:
-    """Zero fraction of the encoder layers' 2-D weight matrices: overall, per layer, per matrix."""
-    zeros = total = 0
-    layers: dict[str, list[int]] = {}
-    modules: dict[str, float] = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        m = LAYER_RE.search(name + ".")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or m is None or "embeddings" in name:
-            continue
-        kept = _kept(module, weight)
-        z, n = int(kept.numel() - kept.sum()), kept.numel()
-        zeros, total = zeros + z, total + n
-        acc = layers.setdefault(m.group(1), [0, 0])
-        acc[0] += z
-        acc[1] += n
-        modules[name] = z / n
-    return {"overall": zeros / total if total else 0.0,
-            "layers": {k: v[0] / v[1] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))},
-            "modules": modules}
-
-
-def _short(module_name: str) -> str | None:
-    for suffix, short in PARTS:
-        if module_name.endswith(suffix) and not (short == "ffn-out" and "attention" in module_name):
-            return short
-    return None
+from ..families import ROLES
+from .inputs import on_corpus
 
 
 def per_layer_table(sparsity: dict) -> str:
-    rows: dict[str, dict[str, float]] = {}
-    for name, frac in sparsity.get("modules", {}).items():
-        m = LAYER_RE.search(name + ".")
-        part = _short(name)
-        if m and part:
-            rows.setdefault(m.group(1), {})[part] = frac
+    """Markdown: the sparsity of every encoder matrix by layer and role (a sparsity_report)."""
+    rows: dict[int, dict[str, float]] = {}
+    for m in sparsity.get("matrices", []):
+        if m["layer"] is not None:
+            rows.setdefault(m["layer"], {})[m["role"]] = m["sparsity"]
     if not rows:
         return "_no encoder layers found_\n"
-    cols = [short for _, short in PARTS]
-    lines = ["| layer | " + " | ".join(cols) + " | all |", "|---" * (len(cols) + 2) + "|"]
-    for layer in sorted(rows, key=int):
-        cells = [f"{rows[layer][c]:.3f}" if c in rows[layer] else "-" for c in cols]
-        lines.append(f"| {layer} | " + " | ".join(cells) + f" | {sparsity['layers'].get(layer, 0.0):.3f} |")
-    lines.append(f"| **all** | " + " | ".join([""] * len(cols)) + f" | **{sparsity['overall']:.3f}** |")
+    lines = ["| layer | " + " | ".join(ROLES) + " | all |", "|---" * (len(ROLES) + 2) + "|"]
+    for layer in sorted(rows):
+        cells = [f"{rows[layer][c]:.3f}" if c in rows[layer] else "-" for c in ROLES]
+        lines.append(f"| {layer} | " + " | ".join(cells) + f" | {sparsity['layers'].get(str(layer), 0.0):.3f} |")
+    lines.append("| **all** | " + " | ".join([""] * len(ROLES)) + f" | **{sparsity['overall']:.3f}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -80,32 +32,47 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, ax, path: Path, ylabel: str) -> str:
-    """Label, legend and write one step-axis plot; returns its file name."""
+def _axes(ax, ylabel: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
+
+
+def _write(plt, fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
 
 
-def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
-    """loss.png (train loss, eval losses) and sparsity.png (schedule as logged + measured at evals)."""
+def plot_curves(records: list[dict], out_dir: Path, metric: str | None = None, reference: dict | None = None) -> list[str]:
+    """One quantity per axis: loss.png (the train loss, and each evaluation loss in its own panel),
+    metric.png (the evaluation metric over steps, the dense reference as a line) and sparsity.png
+    (the method's events and the sparsity measured at evaluations)."""
     plt = _plt()
     made = []
     train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval" and r.get("model", "student") == "student"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    evals = [r for r in records if r.get("kind") == "eval"]
+    eval_losses = sorted({k for r in evals for k in r if "loss" in k})
+    fig, axes = plt.subplots(1 + len(eval_losses), 1, figsize=(6, 2.6 * (1 + len(eval_losses))), squeeze=False)
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    for key in sorted({k for r in evals for k in r if "loss" in k}):
-        pts = [(r["step"], r[key]) for r in evals if key in r]
-        ax.plot(*zip(*pts), marker="o", label=key)
-    made.append(_save(plt, fig, ax, out_dir / "loss.png", "loss"))
+        axes[0][0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (mean since last line)")
+    _axes(axes[0][0], "train loss")
+    for (ax,), key in zip(axes[1:], eval_losses):
+        ax.plot(*zip(*[(r["step"], r[key]) for r in evals if key in r]), marker="o", label=f"{key} (model)")
+        if reference and key in reference:
+            ax.axhline(reference[key], color="k", lw=1, ls="--", label=f"dense reference {reference[key]:.4g}")
+        _axes(ax, key)
+    made.append(_write(plt, fig, out_dir / "loss.png"))
+    if metric and any(metric in r for r in evals):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*[(r["step"], r[metric]) for r in evals if metric in r]), marker="o", label="model")
+        if reference and metric in reference:
+            ax.axhline(reference[metric], color="k", lw=1, ls="--", label=f"dense reference {reference[metric]:.4f}")
+        _axes(ax, metric)
+        made.append(_write(plt, fig, out_dir / "metric.png"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in sorted({k for r in train for k in r if "sparsity" in k}):
         pts = [(r["step"], r[key]) for r in train if key in r]
@@ -116,7 +83,8 @@ def plot_curves(records: list[dict], out_dir: Path) -> list[str]:
     if pts:
         ax.plot(*zip(*pts), marker="o", linestyle="--", label="measured at evaluation")
     ax.set_ylim(-0.02, 1.0)
-    made.append(_save(plt, fig, ax, out_dir / "sparsity.png", "sparsity"))
+    _axes(ax, "sparsity of the encoder matrices")
+    made.append(_write(plt, fig, out_dir / "sparsity.png"))
     return made
 
 
@@ -150,18 +118,21 @@ def results_table(rows: list[dict]) -> str:
 
 
 def write_stage_report(run, cfg: dict, results: dict) -> Path:
-    records = run.metrics()
-    plots = plot_curves(records, run.dir)
-    on_corpus = cfg["stage"] == "upstream" or (cfg["stage"] == "evaluate" and cfg["data"]["corpus"] is not None)
-    task = f"corpus ({results.get('objective')})" if on_corpus else cfg["data"]["task"]
+    keys = result_keys(results)
+    plots = plot_curves(run.metrics(), run.dir, keys[0] if keys else None, results.get("reference"))
+    task = f"corpus ({results.get('objective')})" if on_corpus(cfg) else cfg["data"]["task"]
+    stopped = results.get("stopped")
     lines = [f"# sparsebert {cfg['stage']}: {cfg['method']['name']} on {task}", "",
              f"- model: `{cfg['model']['name']}`" + (f", teacher: `{cfg['model']['teacher']}`" if cfg['model']['teacher'] else ""),
              f"- objective: {results.get('objective')}, steps: {results.get('steps')}, "
              f"train examples: {results.get('train_size')}, time: {results.get('time_s', 0):.0f} s",
              f"- exported model: `{results.get('model_dir')}`", "",
+             *([f"**Training stopped early, at step {results['steps']} of {results['planned_steps']}: {stopped}.** "
+                "The results below are those of the shorter run.", ""] if stopped else []),
              "## Results", "", results_table([{"stage": cfg["stage"], "task": task, "method": cfg["method"]["name"],
                                                 "results": results}]), "",
              "## Per-layer sparsity (final model)", "", per_layer_table(results.get("sparsity", {})), "",
+             *(["## Evaluation over training", "", "![metric](metric.png)", ""] if "metric.png" in plots else []),
              "## Sparsity schedule", "", "![sparsity](sparsity.png)", "",
              "## Loss curves", "", "![loss](loss.png)", "",
              "## Method", "", "```yaml", _yaml(cfg["method"]), "```", "",
@@ -176,9 +147,12 @@ def write_pipeline_report(run_dir: Path, stages: list[dict]) -> Path:
     lines = ["# sparsebert pipeline", "", "## Results (dense vs sparse, per stage)", "",
              results_table(stages), "", "## Stages", ""]
     for s in stages:
+        stopped = s["results"].get("stopped")
         lines.append(f"- `{s['name']}`: [{s['name']}/report.md]({s['name']}/report.md), "
                      f"sparsity {s['results'].get('sparsity', {}).get('overall', 0.0):.3f}, "
-                     f"{s['results'].get('time_s', 0):.0f} s")
+                     f"{s['results'].get('time_s', 0):.0f} s"
+                     + (f", **stopped early at step {s['results']['steps']} of {s['results']['planned_steps']}: "
+                        f"{stopped}**" if stopped else ""))
     last = [s for s in stages if s["stage"] == "downstream"]
     if last:
         lines += ["", "## Per-layer sparsity (" + last[0]["name"] + ")", "",
@@ -189,5 +163,4 @@ def write_pipeline_report(run_dir: Path, stages: list[dict]) -> Path:
 
 
 def _yaml(obj) -> str:
-    import yaml
     return yaml.safe_dump(obj, sort_keys=False).rstrip()

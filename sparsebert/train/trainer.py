@@ -1,146 +1,162 @@
-"""The training loop: deterministic data order, LR from the method, mixed precision, periodic
-evaluation and checkpoints, exact resume (model, optimizer, method state, RNG, data position)."""
+"""The training loop, reusable by any caller: a method, a model, features and a batch function, and
+a list of callbacks that add everything else (metrics, evaluation, checkpoints and resume, progress,
+the test kill hook; see callbacks.py).
+
+Each step: the epoch's deterministic order gives the batch, every param group's LR is set to
+`method.lr_at(step, lr)` (optimizers apply a group's own `lr_scale`), the method's loss is
+back-propagated (mixed precision as asked), gradients are clipped, the optimizer steps, then
+`method.after_step(step)` (pruning events). Callbacks run in list order.
+
+Under torchrun (see distributed.py) every rank runs this loop on its rows of the same global batch
+(`training.batch_size`), its losses averaged over the global batch (sparsebert.distributed.
+global_batch), and logs the global loss.
+"""
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..data.order import epoch_order
-from .runs import Run, kill_hook
+from .distributed import Dist, current, mean_over_ranks, take_rows
+from .runtime import autocast, move, seed_everything
 
 
-def schedule(train_size: int, training: dict) -> tuple[int, int]:
-    """(steps_per_epoch, total_steps) of a training set under a config."""
-    steps_per_epoch = max(1, math.ceil(train_size / training["batch_size"]))
-    total = training["max_steps"] or max(1, math.ceil(training["epochs"] * steps_per_epoch))
+def schedule(train_size: int, training: dict, budget_size: int | None = None) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps): an epoch visits the training set once; the budget is
+    `max_steps`, else `epochs` passes over `budget_size` examples (the set before augmentation;
+    default the training set), raised to `min_steps` for small tasks."""
+    bs = training["batch_size"]
+    steps_per_epoch = max(1, math.ceil(train_size / bs))
+    budget = math.ceil(training["epochs"] * math.ceil((budget_size or train_size) / bs))
+    total = training["max_steps"] or max(1, budget, training.get("min_steps") or 0)
     return steps_per_epoch, int(total)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+@dataclasses.dataclass
+class StepLog:
+    """What a step reports to the callbacks."""
+    step: int                 # steps completed, this one included
+    loss: float
+    lr: float
+    logs: dict[str, float]    # the method's loss terms
+    events: dict[str, float]  # the method's after_step report (pruning events); empty when nothing happened
 
 
-def move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+class Callback:
+    """Hooks of the loop; each gets the trainer. State returned by state_dict() is saved with checkpoints."""
 
-
-def fmt_seconds(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    def on_train_begin(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "Trainer", log: StepLog) -> None: ...
+    def on_evaluate(self, trainer: "Trainer", record: dict) -> None: ...
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+    def state_dict(self) -> dict: return {}
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Trainer:
-    def __init__(self, *, cfg: dict, run: Run, method, model: torch.nn.Module, train_features: list,
-                 make_batch: Callable[[list, int], dict], evaluate: Callable[[], dict],
-                 device: torch.device, steps_per_epoch: int, total_steps: int, label: str = ""):
-        self.cfg, self.run, self.method, self.model = cfg, run, method, model
-        self.t = cfg["training"]
-        self.train_features = train_features
-        self.make_batch, self.evaluate = make_batch, evaluate
-        self.device = device
-        self.precision = cfg["run"]["precision"]
-        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.eval_every = self.t["eval_every"] or steps_per_epoch
-        self.label = label or cfg["stage"]
-        self.optimizer = method.optimizer(self.t["lr"], self.t["weight_decay"])
-        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+    def __init__(self, *, method, model: torch.nn.Module, train_features: list, make_batch: Callable[[list, int], dict],
+                 training: dict, total_steps: int, steps_per_epoch: int, device: torch.device, precision: str = "fp32",
+                 evaluate: Callable[[], dict] | None = None, callbacks: Sequence[Callback] = (), label: str = "train",
+                 started: float | None = None, dist: Dist | None = None):
+        self.method, self.model = method, model
+        self.train_features, self.make_batch, self._evaluate = train_features, make_batch, evaluate
+        self.training = training
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.device, self.precision = device, precision
+        self.callbacks = list(callbacks)
+        self.label = label
+        self.dist = current() if dist is None else dist
+        self.optimizer = method.optimizer(training["lr"], training["weight_decay"])
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.step = 0
         self.evals: list[dict] = []
-        self.running: list[float] = []  # train losses since the last log line
+        self.stopped: str | None = None  # why a callback ended training before total_steps
+        self.started = time.time() if started is None else started  # this invocation's clock
+        self.earlier_s = 0.0  # seconds of the invocations before a resume, up to their checkpoint
 
-    def resume(self) -> bool:
-        ckpt = self.run.latest_checkpoint()
-        if ckpt is None:  # killed before its first checkpoint: start over, forgetting what it logged
-            self.run.truncate_metrics(0)
-            return False
-        state = Run.load_checkpoint(ckpt, self.model, self.optimizer, self.method, self.scaler)
-        self.step = state["step"]
-        self.evals = state.get("evals", [])
-        self.running = state.get("running", [])
-        self.run.truncate_metrics(self.step)
-        tqdm.write(f"[{self.label}] resumed from {ckpt} at step {self.step}/{self.total_steps}")
-        return True
+    def elapsed(self) -> float:
+        """Seconds this training has taken, over every invocation (a resumed run included)."""
+        return self.earlier_s + time.time() - self.started
 
-    def checkpoint(self) -> None:
-        self.run.save_checkpoint(self.step, self.model, self.optimizer, self.method,
-                                 {"evals": self.evals, "running": self.running, "epoch": self.step // self.steps_per_epoch,
-                                  "position": self.step % self.steps_per_epoch},
-                                 keep=self.t["keep_checkpoints"], scaler=self.scaler)
+    def state_dict(self) -> dict:
+        return {"step": self.step, "evals": self.evals, "epoch": self.step // self.steps_per_epoch,
+                "time_s": self.elapsed(), "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks}}
 
-    def _do_eval(self, started: float, start_step: int) -> dict:
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.evals, self.earlier_s = state["step"], state["evals"], state.get("time_s", 0.0)
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            cb.load_state_dict(saved.get(type(cb).__name__, {}))
+
+    def evaluate(self) -> dict:
+        """Evaluate now; callbacks get the record {kind: eval, step, **metrics}."""
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.precision):
-            result = self.evaluate()
+            metrics = self._evaluate()
         self.model.train()
-        record = {"kind": "eval", "step": self.step, **result}
-        self.run.log(record)
+        record = {"kind": "eval", "step": self.step, **metrics}
         self.evals.append(record)
-        done = self.step - start_step
-        eta = (time.time() - started) / done * (self.total_steps - self.step) if done else 0.0
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-        tqdm.write(f"[{self.label}] step {self.step}/{self.total_steps} eval: {shown} | ETA {fmt_seconds(eta)}")
+        for cb in self.callbacks:
+            cb.on_evaluate(self, record)
         return record
 
     def fit(self) -> dict:
-        n = len(self.train_features)
-        bs = self.t["batch_size"]
-        seed = self.t["seed"]
+        """Train to total_steps (from where a callback restored the run), or until a callback sets
+        `stopped`; returns the evaluation of the last step."""
+        seed_everything(self.training["seed"])
         self.model.train()
-        start_step = self.step
-        started = time.time()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, unit="step", dynamic_ncols=True,
-                   mininterval=2.0)
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        bs = self.training["batch_size"]
+        lengths = [len(f["input_ids"]) for f in self.train_features] if self.training["group_by_length"] else None
         order, order_epoch = None, -1
-        lengths = [len(f["input_ids"]) for f in self.train_features] if self.t["group_by_length"] else None
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and self.stopped is None:
             epoch, pos = divmod(self.step, self.steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(n, seed, epoch, lengths, bs), epoch
+                order, order_epoch = epoch_order(len(self.train_features), self.training["seed"], epoch, lengths, bs), epoch
             idx = order[pos * bs:(pos + 1) * bs].tolist()
-            batch = move(self.make_batch([self.train_features[i] for i in idx], self.step), self.device)
-            lr = self.method.lr_at(self.step, self.t["lr"])
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(self.device, self.precision):
-                loss, logs = self.method.training_loss(batch, self.step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{self.label}] loss is {loss.item()} at step {self.step}")
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            if self.t["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], self.t["grad_clip"])
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            events = self.method.after_step(self.step) or {}
-            self.step += 1
-            self.running.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{self.running[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if self.step % self.t["log_every"] == 0 or events or self.step == self.total_steps:
-                self.run.log({"kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              "loss": sum(self.running) / len(self.running), "lr": lr,
-                              **{k: float(v) for k, v in logs.items()}, **{k: float(v) for k, v in events.items()}})
-                self.running = []
-            if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                self._do_eval(started, start_step)
-            if self.step % self.t["checkpoint_every"] == 0 or self.step == self.total_steps:
-                self.checkpoint()
-            kill_hook("step", self.step, self.run.dir.name)
-        bar.close()
-        return self.evals[-1] if self.evals else self._do_eval(started, start_step)
+            # every rank collates the global batch (its padding, its MLM corruption) and keeps its rows
+            rows, sizes = self.dist.split(len(idx))
+            batch = take_rows(self.make_batch([self.train_features[i] for i in idx], self.step), rows, len(idx))
+            log = self._step(move(batch, self.device), sizes)
+            for cb in self.callbacks:
+                cb.on_step_end(self, log)
+        if self._evaluate is not None and (not self.evals or self.evals[-1]["step"] != self.step):
+            self.evaluate()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.evals[-1] if self.evals else {}
+
+    def _step(self, batch: dict, sizes: list[int]) -> StepLog:
+        lr = self.method.lr_at(self.step, self.training["lr"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.precision), D.global_batch(sizes[self.dist.rank], sizes=sizes):
+            loss, logs = self.method.training_loss(batch, self.step)
+        loss_value, *terms = mean_over_ranks([loss.item(), *logs.values()])
+        logs = dict(zip(logs, terms))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"[{self.label}] loss is {loss_value} at step {self.step}")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.training["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.training["grad_clip"])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        events = self.method.after_step(self.step) or {}
+        self.step += 1
+        return StepLog(self.step, loss_value, lr, {k: float(v) for k, v in logs.items()},
+                       {k: float(v) for k, v in events.items()})
