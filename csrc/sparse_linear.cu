@@ -66,6 +66,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < R; ++r) acc[r] = acc_t(0);
     const int64_t b0 = row_offsets[g], b1 = row_offsets[g + 1];
     CUDA_KERNEL_ASSERT(0 <= b0 && b0 <= b1 && b1 <= nblocks);
+    // The first block row starts at block 0 and the last ends at nblocks, or blocks are silently skipped.
+    CUDA_KERNEL_ASSERT((g > 0 || b0 == 0) && ((g + 1) * R < out_features || b1 == nblocks));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t k = static_cast<int64_t>(columns[b]);
       CUDA_KERNEL_ASSERT(0 <= k && k < in_features);
