@@ -208,9 +208,11 @@ def opcheck_samples():
             (x.bfloat16(), *pack_sparse(w.bfloat16())[:3], b.bfloat16())]
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("index", range(3))
-def test_opcheck(index):
-    torch.library.opcheck(ops.sparse_linear.default, opcheck_samples()[index])
+def test_opcheck(device, index):
+    sample = [None if t is None else t.to(device) for t in opcheck_samples()[index]]
+    torch.library.opcheck(ops.sparse_linear.default, sample)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

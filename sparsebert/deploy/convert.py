@@ -3,6 +3,7 @@ the sparse kernel and dense GEMM, chosen from the layer's sparsity and shape and
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ TIMING_ROUNDS = 5
 
 @dataclasses.dataclass
 class LayerPlan:
+    """One prunable layer's kernel choice at conversion, with its reason and any timings."""
+
     name: str
     out_features: int
     in_features: int
@@ -40,7 +43,8 @@ class LayerPlan:
         return 1.0 - self.nnz / max(1, self.out_features * self.in_features)
 
 
-def convert(source, *, kernel: str = "auto", timing_tokens: tuple[int, ...] = (128,), device=None) -> nn.Module:
+def convert(source: nn.Module | str | os.PathLike | sources.Source, *, kernel: str = "auto",
+            timing_tokens: tuple[int, ...] = (128,), device: str | torch.device | None = None) -> nn.Module:
     """An inference copy of ``source`` (a model, a path that :func:`sparsebert.deploy.sources.resolve`
     accepts, or a :class:`~sparsebert.deploy.sources.Source`, whose model is then converted in place)
     whose prunable Linear layers hold packed weights (:class:`SparseLinear`), dense weights (``nn.Linear``)

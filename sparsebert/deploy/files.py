@@ -86,7 +86,7 @@ def compressed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[
     return tensors, layers, aliases
 
 
-def save_pretrained(model: nn.Module, directory, *, overwrite: bool = False) -> pathlib.Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """Write a converted model (see :func:`sparsebert.deploy.convert`) to ``directory``, atomically: the
     files are written into a temporary directory beside it, which is then renamed. ``overwrite`` replaces
     an existing deployed model (never any other directory)."""
@@ -134,7 +134,7 @@ def _swap_in(new: pathlib.Path, directory: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_metadata(directory) -> dict[str, str]:
+def read_metadata(directory: str | os.PathLike) -> dict[str, str]:
     """The header metadata of a deployed model, with its format and version checked."""
     path = pathlib.Path(directory) / DEPLOYED_WEIGHTS
     if not path.is_file():
@@ -157,7 +157,7 @@ def read_metadata(directory) -> dict[str, str]:
     return metadata
 
 
-def from_pretrained(directory, *, device="cpu", kernel: str | None = None, timing_tokens: tuple[int, ...] = ()) -> nn.Module:
+def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device = "cpu", kernel: str | None = None, timing_tokens: tuple[int, ...] = ()) -> nn.Module:
     """Load a deployed model. ``kernel`` None keeps the stored per-layer choices; ``"auto"`` (timed at
     ``timing_tokens``), ``"sparse"``, ``"dense"`` or ``"2:4"`` choose again on this machine."""
     directory = pathlib.Path(directory)

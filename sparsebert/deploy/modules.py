@@ -28,6 +28,7 @@ class SparseLinear(nn.Module):
         return SparseWeight(self.values, self.columns, self.row_offsets, self.in_features)
 
     def dense_weight(self) -> Tensor:
+        """The dense weight, zeros where pruned."""
         return ops.unpack_sparse(self.packed)
 
     def kept(self) -> Tensor:

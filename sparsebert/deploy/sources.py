@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pathlib
 
 import torch
@@ -32,12 +33,13 @@ class Source:
     directory: pathlib.Path | None = None
 
     def tokenizer_files(self) -> list[pathlib.Path]:
+        """The tokenizer files beside the source's model (copied into a deployed model)."""
         if self.directory is None:
             return []
         return [self.directory / f for f in TOKENIZER_FILES if (self.directory / f).is_file()]
 
 
-def resolve(path) -> tuple[str, pathlib.Path]:
+def resolve(path: str | os.PathLike) -> tuple[str, pathlib.Path]:
     """(kind, model directory) of a path: a deployed model, a sparse checkpoint, an exported transformers
     model, or a run directory (its model/, or the one stage of a pipeline run that has one)."""
     path = pathlib.Path(path)
@@ -69,7 +71,7 @@ def _stage(run_dir: pathlib.Path) -> str | None:
         return None
 
 
-def load(source) -> Source:
+def load(source: nn.Module | str | os.PathLike) -> Source:
     """A Source from a model in memory (never modified) or a path (see :func:`resolve`)."""
     if isinstance(source, nn.Module):
         return from_module(source, "model")

@@ -38,6 +38,7 @@ class SparseWeight(NamedTuple):
         return (self.row_offsets.shape[0] - 1) * self.block_rows
 
     def nbytes(self) -> int:
+        """Bytes of the packed arrays (values, columns, row offsets)."""
         return sum(t.numel() * t.element_size() for t in self[:3])
 
 
