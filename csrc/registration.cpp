@@ -32,6 +32,10 @@ TORCH_LIBRARY(sparsebert, m) {
   // (grad_W, grad_S) = (G * M, G * W) with G = grad_out^T @ x, from one pass over G.
   m.def("movement_linear_grad_weight(Tensor grad_out, Tensor x, Tensor weight, Tensor mask) -> (Tensor, Tensor)");
 
+  // y = x @ W^T + b, W packed as R x 1 blocks (values [nblocks, R], columns [nblocks] int16/int32,
+  // row_offsets [out / R + 1] int32); see csrc/sparse_linear.h. Inference only: no autograd.
+  m.def("sparse_linear(Tensor x, Tensor values, Tensor columns, Tensor row_offsets, Tensor? bias) -> Tensor");
+
   // Radix select over order-preserving 32-bit keys of the values (|values| when
   // use_abs). Histogram of key bits [32 - prefix_bits - digit_bits, 32 - prefix_bits)
   // over the keys whose top prefix_bits bits equal prefix: int64[2 ** digit_bits].

@@ -12,6 +12,7 @@ import sparsebert
 MODULES = [
     "sparsebert", "sparsebert.registry", "sparsebert.objectives", "sparsebert.families", "sparsebert.ops",
     "sparsebert.ops.mask", "sparsebert.ops.masked_linear", "sparsebert.ops.optim_step", "sparsebert.ops.topk",
+    "sparsebert.ops.sparse_linear", "sparsebert.deploy",
     "sparsebert.zeros", "sparsebert.optim", "sparsebert.sparsity", "sparsebert.distill", "sparsebert.methods",
     "sparsebert.integrations", "sparsebert.integrations.pruning", "sparsebert.integrations.hf_trainer",
 ]

@@ -76,4 +76,13 @@ MUTANTS = [
 """,
         why="threads past the last mask byte leave before the block reduction's barrier, which then hangs",
     ),
+    Mutant(
+        name="sparse_linear_no_tile_barrier",
+        source="csrc/sparse_linear.cu",
+        original="""  __syncthreads();
+  // Thread i writes row n0 + i % 32""",
+        broken="""
+  // Thread i writes row n0 + i % 32""",
+        why="a thread writes outputs from the shared tile before the warps that own those rows have staged them",
+    ),
 ]

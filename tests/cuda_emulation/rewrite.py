@@ -11,7 +11,9 @@ CUDA keywords, builtins, cub, wmma, c10/cuda) comes from the headers in runtime/
 - ``__shared__ T name[N];`` -> a static (one block runs at a time, so one copy serves every block)
   that the runtime fills with garbage when the block first reaches it;
 - ``TORCH_LIBRARY_IMPL(ns, CUDA, m)`` -> ``TORCH_LIBRARY_IMPL(<emulated ns>, CPU, m)``;
-- ``.pinned_memory(true)`` -> ``.pinned_memory(false)`` (a CPU-only torch has no pinned memory).
+- ``.pinned_memory(true)`` -> ``.pinned_memory(false)`` (a CPU-only torch has no pinned memory);
+- ``CUDA_KERNEL_ASSERT(cond)`` -> ``EMU_KERNEL_ASSERT(cond)``, a fault naming the thread (c10's
+  host-pass definition calls ``__assert_fail``, which would abort the test process).
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ _SHARED = re.compile(r"(?<![\w])__shared__\s+(?P<decl>[^;{}]*?\b(?P<name>[A-Za-z
 _ALIGN = re.compile(r"__align__\s*\(\s*\d+\s*\)")
 _IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*(?P<ns>\w+)\s*,\s*CUDA\s*,")
 _PINNED = re.compile(r"\.pinned_memory\(\s*true\s*\)")
+_KERNEL_ASSERT = re.compile(r"(?<![\w])CUDA_KERNEL_ASSERT(?=\s*\()")
 
 
 def rewrite(text: str, path: str, namespaces: dict[str, str]) -> str:
@@ -130,6 +133,9 @@ def rewrite(text: str, path: str, namespaces: dict[str, str]) -> str:
 
     for m in _PINNED.finditer(code):
         edits.append((m.start(), m.end(), ".pinned_memory(false)"))
+
+    for m in _KERNEL_ASSERT.finditer(code):
+        edits.append((m.start(), m.end(), "EMU_KERNEL_ASSERT"))
 
     out, last = [], 0
     for s, e, r in sorted(edits):

@@ -163,6 +163,8 @@ FAULTS = {
     "lane_not_in_mask": r"__ballot_sync \(mask 0x00000001\): the calling lane \d+ is not in the mask",
     "shuffle_outside_mask": r"lane 1[2-5] shuffles from lane 1[6-9], which is not in the mask",
     "trap": r"thread \(7, 0, 0\) of block \(0, 0, 0\): __trap\(\) at tests/cuda_emulation/kernels/selftest.cu:\d+",
+    "kernel_assert": r"thread \(11, 0, 0\) of block \(0, 0, 0\): device-side assert "
+                     r"CUDA_KERNEL_ASSERT\(threadIdx.x != 11\) failed at .*selftest.cu:\d+",
     "too_much_shared": r"40000 bytes of static and 10000 bytes of dynamic shared memory, more than 48 KiB",
 }
 
@@ -249,6 +251,7 @@ void host(at::Tensor t) {
   my::kernel<float, 4><<<dim3(2, 3),
                         256, 0, stream>>>(t.data_ptr<int>());
   const char* s = "<<<not a launch>>>";
+  CUDA_KERNEL_ASSERT(s != nullptr);
 }
 TORCH_LIBRARY_IMPL(myns, CUDA, m) {}
 """
@@ -263,7 +266,8 @@ TORCH_LIBRARY_IMPL(myns, CUDA, m) {}
                               'dim3(2, 3),')
     assert out[9].strip() == "256, 0, stream)(t.data_ptr<int>());"
     assert out[10] == src.split("\n")[10]
-    assert out[12] == "TORCH_LIBRARY_IMPL(myns_emu, CPU, m) {}"
+    assert out[11].strip() == "EMU_KERNEL_ASSERT(s != nullptr);"
+    assert out[13] == "TORCH_LIBRARY_IMPL(myns_emu, CPU, m) {}"
     with pytest.raises(rewrite.RewriteError, match="no emulated namespace given for myns"):
         rewrite.rewrite(src, "x.cu", {})
 

@@ -9,7 +9,7 @@ import torch
 
 from cuda_emulation import build, harness
 from cuda_emulation.mutants import MUTANTS
-from sparsebert.ops import pack_mask
+from sparsebert.ops import pack_mask, pack_sparse
 
 cpu = torch.ops.sparsebert
 SEED = 7
@@ -52,11 +52,22 @@ def check_simt_linear(ops):
     torch.testing.assert_close(ops.masked_linear(x, w, mask, None, False), cpu.masked_linear(x, w, mask, None, False))
 
 
+def check_sparse_linear(ops):
+    # 40 tokens x 70 outputs: two token tiles and three row tiles of 32, the last partial.
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(70, 50, generator=g) * (torch.rand(70, 50, generator=g) < 0.3)
+    values, columns, row_offsets, _ = pack_sparse(w)
+    x = torch.randn(40, 50, generator=g)
+    torch.testing.assert_close(ops.sparse_linear(x, values, columns, row_offsets, None),
+                               cpu.sparse_linear(x, values, columns, row_offsets, None))
+
+
 CHECKS = {
     "topk_rows_no_barrier": check_topk_rows,
     "optim_count_shuffle_from_8": check_compact_adamw,
     "linear_simt_no_trailing_barrier": check_simt_linear,
     "topk_mask_early_return": check_topk_global,
+    "sparse_linear_no_tile_barrier": check_sparse_linear,
 }
 
 

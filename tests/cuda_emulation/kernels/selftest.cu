@@ -137,6 +137,8 @@ __global__ void trap_kernel() {
   if (threadIdx.x == 7) __trap();
 }
 
+__global__ void kernel_assert_kernel() { CUDA_KERNEL_ASSERT(threadIdx.x != 11); }
+
 __global__ void too_much_shared_kernel(int* out) {
   __shared__ int big[10000];
   big[threadIdx.x] = 1;
@@ -236,6 +238,8 @@ void run_fault(at::Tensor& out, c10::string_view which) {
     shuffle_outside_mask_kernel<<<1, 32, 0, stream()>>>(o);
   } else if (w == "trap") {
     trap_kernel<<<1, 32, 0, stream()>>>();
+  } else if (w == "kernel_assert") {
+    kernel_assert_kernel<<<1, 32, 0, stream()>>>();
   } else if (w == "too_much_shared") {
     too_much_shared_kernel<<<1, 32, 10000, stream()>>>(o);
   } else {

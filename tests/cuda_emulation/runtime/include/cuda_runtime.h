@@ -285,6 +285,9 @@ inline void __threadfence_block() {}
 inline void __threadfence_system() {}
 
 [[noreturn]] inline void __trap(emu::Loc loc = emu::Loc::current()) { emu::fault("__trap()", loc); }
+// CUDA_KERNEL_ASSERT, as the rewrite renames it: a GPU reports "device-side assert triggered".
+#define EMU_KERNEL_ASSERT(cond) \
+  if (!(cond)) ::emu::fault("device-side assert CUDA_KERNEL_ASSERT(" #cond ") failed", ::emu::Loc::current())
 
 template <class T>
 T __ldg(const T* p) {
