@@ -90,3 +90,18 @@ def test_quantized_and_tied_models_round_trip(tmp_path):
     assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs()).logits, model(**inputs()).logits)
+
+
+def test_a_model_saved_without_its_pooler_loads(tmp_path):
+    from transformers import BertModel
+    from tinybert import config
+
+    torch.manual_seed(0)
+    model = BertModel(config(), add_pooling_layer=False).eval()
+    Pruner(sparsify(model), "magnitude", "global", None).prune(0.75)
+    save_sparse(model, tmp_path)
+    assert json.loads((tmp_path / "sparsebert.json").read_text())["absent_modules"] == ["pooler"]
+    loaded = load_sparse(tmp_path)
+    assert loaded.pooler is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).last_hidden_state, model(**inputs()).last_hidden_state)

@@ -37,11 +37,25 @@ def save_sparse(model: nn.Module, directory: str | os.PathLike, *, metadata: dic
         "architecture": type(model).__name__,
         "sparsify": model.sparsebert_config,
         "quantized": next((m.quantizer.bits for m in masked_modules(model).values() if m.quantizer is not None), 0),
+        "absent_modules": absent_modules(model),
         "sparsity": {"pruned": report["pruned"], "all": report["all"]},
         **(metadata or {}),
     }
     (directory / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
+
+
+def absent_modules(model: nn.Module) -> list[str]:
+    """Submodules that the model's class builds from its config alone but this model left out (a
+    BertModel made with add_pooling_layer=False has no pooler): the outermost such names."""
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    have = {name for name, _ in model.named_modules()}
+    absent: list[str] = []
+    for name, _ in fresh.named_modules():
+        if name not in have and not any(name.startswith(a + ".") for a in absent):
+            absent.append(name)
+    return absent
 
 
 def load_sparse(directory: str | os.PathLike, model_class: type[nn.Module] | None = None) -> nn.Module:
@@ -53,6 +67,9 @@ def load_sparse(directory: str | os.PathLike, model_class: type[nn.Module] | Non
     config = transformers.AutoConfig.from_pretrained(directory)
     cls = model_class or getattr(transformers, meta["architecture"])
     model = cls(config)
+    for name in meta.get("absent_modules", []):  # e.g. a BertModel built with add_pooling_layer=False
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, None)
     modules = sparsify(model, meta["sparsify"])
     if meta.get("quantized"):
         enable_qat(modules, int(meta["quantized"]))
