@@ -30,6 +30,7 @@ from torch import nn
 from .. import __version__, ops
 from .convert import LayerPlan, build_layer, check_target, plan_layer
 from .modules import SparseLinear
+from . import sources
 from .sources import DEPLOYED_WEIGHTS, TOKENIZER_FILES, _replace
 
 FORMAT = "sparsebert-deploy"
@@ -223,3 +224,6 @@ def _layer_tensors(tensors, plan: LayerPlan, dtype, device, path):
     weight = torch.zeros(plan.out_features, plan.in_features, dtype=dtype)
     weight[keep] = values.to(dtype)
     return weight.to(device), keep.to(device), None if bias is None else bias.to(device=device, dtype=dtype)
+
+
+sources.LOADERS["deployed model"] = from_pretrained

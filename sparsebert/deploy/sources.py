@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+from typing import Callable
 
 import torch
 import transformers
@@ -76,20 +77,21 @@ def load(source: nn.Module | str | os.PathLike) -> Source:
     if isinstance(source, nn.Module):
         return from_module(source, "model")
     kind, directory = resolve(source)
-    if kind == "deployed model":
-        from .files import from_pretrained
-
-        model = from_pretrained(directory)
-    elif kind == "sparse checkpoint":
-        model = checkpoint.load_sparse(directory)
-    else:
-        config = transformers.AutoConfig.from_pretrained(directory)
-        names = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, names[0], None) if names else None
-        model = (cls or transformers.AutoModel).from_pretrained(directory)
+    model = LOADERS.get(kind, _load_transformers)(directory)
     result = from_module(model, kind)
     result.directory = directory
     return result
+
+
+def _load_transformers(directory: pathlib.Path) -> nn.Module:
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return (cls or transformers.AutoModel).from_pretrained(directory)
+
+
+# How each kind of directory loads; files.py adds "deployed model" (it builds on this module).
+LOADERS: dict[str, Callable[[pathlib.Path], nn.Module]] = {"sparse checkpoint": checkpoint.load_sparse}
 
 
 def from_module(model: nn.Module, kind: str) -> Source:
