@@ -98,7 +98,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
     specs = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     targets = sorted({r["target"] for r in rows if r["method"] != "dense"}, reverse=True)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(specs) + 2.0))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(specs) + 2.6))
     for i, target in enumerate(targets):
         offset = (i - (len(targets) - 1) / 2) * 0.25
         color = f"C{i}"
@@ -116,7 +116,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("SST-2 dev accuracy")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
