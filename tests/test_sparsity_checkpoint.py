@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 import torch
-from tinybert import batch, classifier
+from tinybert import batch, classifier, config
+from transformers import BertModel
 
 from sparsebert.sparsity import (Pruner, load_sparse, masked_modules, save_sparse, sparsify, sparsity_report,
                                  export_dense)
@@ -93,9 +94,6 @@ def test_quantized_and_tied_models_round_trip(tmp_path):
 
 
 def test_a_model_saved_without_its_pooler_loads(tmp_path):
-    from transformers import BertModel
-    from tinybert import config
-
     torch.manual_seed(0)
     model = BertModel(config(), add_pooling_layer=False).eval()
     Pruner(sparsify(model), "magnitude", "global", None).prune(0.75)

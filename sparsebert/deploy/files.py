@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__, ops
+from . import sources
 from .convert import LayerPlan, build_layer, check_target, plan_layer
 from .modules import SparseLinear
-from . import sources
 from .sources import DEPLOYED_WEIGHTS, TOKENIZER_FILES, _replace
 
 FORMAT = "sparsebert-deploy"

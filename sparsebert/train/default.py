@@ -9,7 +9,6 @@ It is the `pipeline` stage with the settings below; `--smoke` runs the same path
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -19,7 +18,6 @@ from . import runtime
 from .models import load_model, model_path, quiet_transformers
 from .pipeline import resolve_pipeline, run_command
 
-log = logging.getLogger(__name__)
 
 METHOD = "prune-ofa"          # the one default to change to switch the default run's method
 BUDGET_S = 15 * 60            # what the fixed plan is sized for: 2 CPU cores, a loaded machine
@@ -46,10 +44,11 @@ DEFAULT_USER = {
 COST = {"teacher": 1.0, "upstream": 1.5, "downstream": 1.2}
 
 
-def calibrate(batch_size: int, max_len: int) -> float:
-    """Seconds for one training step (forward, backward, AdamW) of the bundled MiniLM at the default shape."""
+def calibrate(batch_size: int, max_len: int, threads: int | None) -> float:
+    """Seconds for one training step (forward, backward, AdamW) of the bundled MiniLM at the default shape,
+    on the run's threads."""
     quiet_transformers()
-    runtime.apply({"device": "cpu", "threads": None, "precision": "fp32"})
+    runtime.apply({"device": "cpu", "threads": threads, "precision": "fp32"})
     model = load_model("minilm", "classification", 5)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -80,10 +79,9 @@ def main(user_extra: dict, smoke: bool = False, print_config: bool = False, resu
     note = None
     if not print_config:
         model_path(C.get_path(user, "model.name"))  # the demo extra's model, or how to get it
-        torch.set_num_threads(C.get_path(user, "run.threads"))
-        cfg = resolve_pipeline(user)
+        cfg = resolve_pipeline(user)  # validates --threads before calibrate uses it
         up = cfg["stages"]["upstream"]
-        step_s = calibrate(up["training"]["batch_size"], up["data"]["max_len"])
+        step_s = calibrate(up["training"]["batch_size"], up["data"]["max_len"], up["run"]["threads"])
         steps = ", ".join(f"{n} {c['training']['max_steps']}" for n, c in cfg["stages"].items())
         note = (f"sparsebert default run{' (smoke)' if smoke else ''}: the bundled MiniLM, "
                 f"{up['method']['name']} upstream (to {up['method'].get('sparsity', 0):.0%} sparsity) on the Python "
