@@ -3,23 +3,26 @@
 // Every tensor is cut into chunks of kChunkElems elements; the chunks of all tensors form one
 // flat work list that the threads of at::parallel_for take from a shared counter. A step is
 // memory-bound, so the passes are laid out to move as few bytes as they can:
-//  1. count (compact mode, or check_finite with masks): the kept weights of every chunk, from
-//     the masks alone (1/32 of the weights' bytes);
+//  1. count (compact mode): the kept weights of every chunk, from the masks alone (1/32 of the
+//     weights' bytes);
 //  2. check (check_finite): a scan of the gradients for NaN/Inf, at kept positions of masked
-//     tensors, before anything is written. A sparse masked chunk (at most a quarter kept) also
-//     copies its kept gradients, in order, to a workspace: the update pass then reads those
-//     bytes (a tenth at 90% sparsity) instead of every gradient line a second time;
-//  3. update. Masked chunks load only the kept lanes of the gradients (and, in compact mode,
-//     of the weights), so a cache line without a kept weight is not read.
+//     tensors, before anything is written. With compact state a sparse masked chunk (at most a
+//     quarter kept) also copies its kept gradients, in order, to a workspace: the update pass
+//     then reads those bytes (a tenth at 90% sparsity) instead of every gradient line again;
+//  3. update. Masked chunks use only the kept lanes of the gradients (and, in compact mode, of
+//     the weights); pruned weights of compact chunks are not written.
+// Loads are whole vectors: a masked load reads the same cache lines (the prefetcher streams
+// them all), and on AMD Zen 4/5 it keeps the prefetcher from running ahead (see Avx512::whole).
 // Per float32 element of a random 90% mask (81.5% of the 64-byte lines hold a kept weight),
-// torch's fused AdamW moves 28 bytes; dense state about 27.4 (28.6 with the check), compact
-// state about 11.5 (12.7 with the check): see docs/CPU_KERNELS.md.
+// torch's fused AdamW moves 28 bytes; dense state 28 (32 with the check), compact state about
+// 13 (14 with the check): see docs/CPU_KERNELS.md.
 // The loops run over groups of W consecutive elements (one vector register) with their W mask
 // bits. The update rules of masked_optim.h run on a whole group (Lanes) as on a scalar, and
 // compact state compresses the kept weights of a tile into a buffer first, so that it runs the
 // rules on full vectors. Two instruction sets implement the group loads and stores: AVX-512
-// (masked loads and stores, register compress and expand) and a portable one, compiled for
-// AVX2 and for baseline x86-64 / other CPUs and picked at load time. AVX-512 is used where
+// (whole loads, masked loads only at a chunk's end, masked stores, register compress and
+// expand) and a portable one, compiled for AVX2 and for baseline x86-64 / other CPUs and
+// picked at load time. AVX-512 is used where
 // the CPU has it and torch uses it (ATEN_CPU_CAPABILITY=avx2 or default selects the portable
 // one, as for torch's own kernels).
 
@@ -175,8 +178,8 @@ struct Portable {
 };
 
 #if SPARSEBERT_X86
-// AVX-512: masked loads skip the memory of unselected lanes entirely; masked stores leave it
-// untouched. Only ever inlined into the target("avx512f") entry points below.
+// AVX-512: masked loads (at a chunk's end) skip the memory of unselected lanes; masked stores
+// leave it untouched. Only ever inlined into the target("avx512f") entry points below.
 #define SPARSEBERT_AVX512 __attribute__((target("avx512f"))) static inline
 
 template <typename T>
@@ -186,7 +189,19 @@ struct Avx512 {
   static constexpr int W = 64 / sizeof(T);
   using Vec = Lanes<T, W>;
 
-  SPARSEBERT_AVX512 Vec load(const T* p, uint32_t lanes, int64_t) {
+  // A whole, unmasked load that the compiler may not fold into the instruction using it: on AMD
+  // Zen 4/5 a masked load (and the memory forms of expand) keeps the hardware prefetcher from
+  // streaming, and the step waits on every cache line (2x slower than a whole load and a
+  // register mask, measured).
+  SPARSEBERT_AVX512 Vec whole(const T* p) {
+    Vec v;
+    if constexpr (kFloat) v = {_mm512_loadu_ps(p)};
+    else v = {_mm512_loadu_pd(p)};
+    asm("" : "+v"(v.v));
+    return v;
+  }
+  SPARSEBERT_AVX512 Vec load(const T* p, uint32_t lanes, int64_t avail) {
+    if (avail >= W) return zero_unless(lanes, whole(p));
     if constexpr (kFloat) return {_mm512_maskz_loadu_ps(lanes, p)};
     else return {_mm512_maskz_loadu_pd(lanes, p)};
   }
@@ -209,8 +224,8 @@ struct Avx512 {
     }
   }
   SPARSEBERT_AVX512 Vec expand(const T* src, uint32_t lanes) {
-    if constexpr (kFloat) return {_mm512_maskz_expand_ps(lanes, _mm512_loadu_ps(src))};
-    else return {_mm512_maskz_expand_pd(lanes, _mm512_loadu_pd(src))};
+    if constexpr (kFloat) return {_mm512_maskz_expand_ps(lanes, whole(src).v)};
+    else return {_mm512_maskz_expand_pd(lanes, whole(src).v)};
   }
   // A register compress and a whole store: the compress-to-memory instruction is slow on some
   // CPUs (microcoded on AMD Zen 4), and a load that overlaps a masked store waits for it.
@@ -385,31 +400,20 @@ void update_masked_group(const Op& op, T* p, T* s0, T* s1, int64_t k, typename I
   if constexpr (Op::kStates > 1) Isa::store(s1 + k, lanes, Isa::zero_unless(kept, s[1]), avail);
 }
 
-// A masked row segment with dense state, elements [0, n) of p (mask bits [c0, c0 + n) of the
-// row; `avail` elements from p on belong to the chunk). g: the gradients at p's places, or
-// (kCompacted) the chunk's kept gradients in order, of which the unused rest is returned.
-template <class Isa, class Op, bool kCompacted, typename T>
-const T* update_masked(const Op& op, T* p, const T* g, T* s0, T* s1, const uint8_t* mask_row, int64_t c0, int64_t n,
-                       int64_t avail) {
-  const auto gradients = [&](int64_t k, uint32_t kept) {
-    if constexpr (kCompacted) {
-      const typename Isa::Vec v = Isa::expand(g, kept);
-      g += std::popcount(kept);
-      return v;
-    } else {
-      return Isa::load(g + k, kept, avail - k);
-    }
-  };
+// A masked row segment with dense state, elements [0, n) of p and g (mask bits [c0, c0 + n)
+// of the row; `avail` elements from p on belong to the chunk).
+template <class Isa, class Op, typename T>
+void update_masked(const Op& op, T* p, const T* g, T* s0, T* s1, const uint8_t* mask_row, int64_t c0, int64_t n,
+                   int64_t avail) {
   int64_t k = 0;
   for (; k + Isa::W <= n; k += Isa::W) {  // whole groups: constant lanes
     const uint32_t kept = mask_bits(mask_row, c0 + k, Isa::W);
-    update_masked_group<Isa>(op, p, s0, s1, k, gradients(k, kept), low_bits(Isa::W), kept, avail - k);
+    update_masked_group<Isa>(op, p, s0, s1, k, Isa::load(g + k, kept, avail - k), low_bits(Isa::W), kept, avail - k);
   }
   if (k < n) {
     const uint32_t kept = mask_bits(mask_row, c0 + k, n - k);
-    update_masked_group<Isa>(op, p, s0, s1, k, gradients(k, kept), low_bits(n - k), kept, avail - k);
+    update_masked_group<Isa>(op, p, s0, s1, k, Isa::load(g + k, kept, avail - k), low_bits(n - k), kept, avail - k);
   }
-  return g;
 }
 
 // A run of up to W consecutive elements of a chunk with a kept weight: its first element
@@ -507,14 +511,8 @@ void update_chunk(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t e
   } else {
     RowSegments<T> segments(t, begin, end);
     for (Segment s; segments.next(s);) {
-      T* const s0 = advance(t.state[0], s.flat);
-      T* const s1 = advance(t.state[1], s.flat);
-      if (gc != nullptr) {
-        gc = update_masked<Isa, Op, true>(op, t.param + s.flat, gc, s0, s1, s.mask_row, s.c0, s.n, end - s.flat);
-      } else {
-        update_masked<Isa, Op, false>(op, t.param + s.flat, t.grad + s.flat, s0, s1, s.mask_row, s.c0, s.n,
-                                      end - s.flat);
-      }
+      update_masked<Isa>(op, t.param + s.flat, t.grad + s.flat, advance(t.state[0], s.flat),
+                         advance(t.state[1], s.flat), s.mask_row, s.c0, s.n, end - s.flat);
     }
   }
 }
@@ -587,7 +585,6 @@ void run_step(const char* name, const Op& op, at::TensorList params, at::TensorL
               const std::vector<StateList>& states, const c10::List<std::optional<at::Tensor>>& masks, bool compact,
               bool check_finite) {
   std::vector<TensorPtrs<T>> tensors(params.size());
-  bool any_masked = false;
   for (size_t i = 0; i < params.size(); ++i) {
     TensorPtrs<T>& t = tensors[i];
     t.param = params[i].data_ptr<T>();
@@ -602,7 +599,6 @@ void run_step(const char* name, const Op& op, at::TensorList params, at::TensorL
       t.mask = mask.const_data_ptr<uint8_t>();
       t.cols = params[i].size(-1);
       t.packed_cols = mask.size(-1);
-      any_masked = true;
     }
   }
   const std::vector<Chunk> chunks = plan_chunks(params);
@@ -610,7 +606,7 @@ void run_step(const char* name, const Op& op, at::TensorList params, at::TensorL
 
   // Kept weights per chunk; then, in compact mode, the state index of each chunk's first one.
   std::vector<int64_t> kept(chunks.size(), 0);
-  if (compact || (check_finite && any_masked)) {
+  if (compact) {
     for_each_chunk(num_chunks, [&](int64_t c) {
       const TensorPtrs<T>& t = tensors[chunks[c].tensor];
       if (t.mask == nullptr) return;
@@ -630,13 +626,15 @@ void run_step(const char* name, const Op& op, at::TensorList params, at::TensorL
     check_compact_lengths(name, states, masks, total);
   }
 
-  // Where the check pass copies the kept gradients of a sparse masked chunk (-1: it does not).
-  // Copying costs about three times their bytes (write, its read-for-ownership, read back);
-  // it saves re-reading every gradient line that holds a kept one: at most a quarter kept,
-  // most lines do.
+  // Where the check pass copies the kept gradients of a sparse masked chunk with compact state
+  // (-1: it does not). Copying costs about three times their bytes (write, its
+  // read-for-ownership, read back); it saves re-reading every gradient line that holds a kept
+  // one: at most a quarter kept, most lines do. With dense state the update pass reads every
+  // line of the weights and state anyway, and expanding the copies back into full vectors made
+  // it slower than reading the gradients again (2.4x vs 1.3x fused AdamW at one thread, Zen 5).
   std::vector<int64_t> gc_at(chunks.size(), -1);
   T* gc = nullptr;
-  if (check_finite) {
+  if (check_finite && compact) {
     int64_t total = 0;
     for (int64_t c = 0; c < num_chunks; ++c) {
       if (tensors[chunks[c].tensor].mask != nullptr && 4 * kept[c] <= chunks[c].end - chunks[c].begin) {
