@@ -22,9 +22,8 @@
 // rules on full vectors. Two instruction sets implement the group loads and stores: AVX-512
 // (whole loads, masked loads only at a chunk's end, masked stores, register compress and
 // expand) and a portable one, compiled for AVX2 and for baseline x86-64 / other CPUs and
-// picked at load time. AVX-512 is used where
-// the CPU has it and torch uses it (ATEN_CPU_CAPABILITY=avx2 or default selects the portable
-// one, as for torch's own kernels).
+// picked at load time. AVX-512 is used where the CPU has it and torch uses it
+// (ATEN_CPU_CAPABILITY=avx2 or default selects the portable one, as for torch's own kernels).
 
 // No fused multiply-adds: every operation rounds as in torch's own kernels, and the scalar,
 // portable and AVX-512 loops agree bit for bit.
@@ -189,10 +188,9 @@ struct Avx512 {
   static constexpr int W = 64 / sizeof(T);
   using Vec = Lanes<T, W>;
 
-  // A whole, unmasked load that the compiler may not fold into the instruction using it: on AMD
-  // Zen 4/5 a masked load (and the memory forms of expand) keeps the hardware prefetcher from
-  // streaming, and the step waits on every cache line (2x slower than a whole load and a
-  // register mask, measured).
+  // A whole, unmasked load, hidden from GCC, which would fold it with the register mask or expand
+  // that uses it into a masked load or the memory form of expand: on AMD Zen 5 a stream of masked
+  // loads kept the prefetcher from running ahead (compact step 2.2x slower at one thread).
   SPARSEBERT_AVX512 Vec whole(const T* p) {
     Vec v;
     if constexpr (kFloat) v = {_mm512_loadu_ps(p)};
