@@ -122,8 +122,8 @@ def test_adamw_masked_matches_kept_weights_and_compact_matches_dense(device, dty
 
 @pytest.mark.parametrize("device", devices())
 def test_adamw_compact_matches_dense_at_high_sparsity(device):
-    """90% sparsity, rows of whole 16-lane groups (the vector compress/expand path), many
-    all-pruned groups and several chunks: compact state is bit-identical to dense state."""
+    """90% sparsity, rows of whole 16-lane groups, many all-pruned groups and several chunks:
+    compact state is bit-identical to dense state."""
     gen = torch.Generator().manual_seed(3)
     shapes = [(160, 256), (48, 768), (40, 100)]
     keeps = [(torch.rand(s, generator=gen) >= 0.9).to(device) for s in shapes]
@@ -147,7 +147,8 @@ def test_adamw_compact_matches_dense_at_high_sparsity(device):
 # gradients for the update (at most a quarter kept) or the update reads the gradients again;
 # and, per process, AVX-512 or the portable loops. These shapes have rows that are not whole
 # groups of 16 (or 8) and chunks that start inside rows; a 1-D masked tensor spans three chunks;
-# and the density changes along each tensor, so that one tensor has chunks of both kinds.
+# the density changes along each tensor, so that one tensor has chunks of both kinds; and
+# stretches of kept weights give compact state whole vectors of consecutive ones.
 PATH_SHAPES = [(300, 77), (40000,), (65, 256), (5, 3, 10), (7,)]
 
 
@@ -168,8 +169,9 @@ def path_problem(dtype, seed=0):
     for shape in PATH_SHAPES:
         params.append(uniform(shape, gen, dtype))
         n = params[-1].numel()
-        density = torch.where(torch.arange(n) % 30000 < 16384, 0.1, 0.6).view(shape)
-        keeps.append(torch.rand(shape, generator=gen) < density if len(shape) > 1 or n > 7 else None)
+        density = torch.where(torch.arange(n) % 30000 < 16384, 0.1, 0.6)
+        density[torch.arange(n) % 1000 < 40] = 1.0  # stretches of 40 kept, across groups and rows
+        keeps.append(torch.rand(shape, generator=gen) < density.view(shape) if len(shape) > 1 or n > 7 else None)
     return params, keeps
 
 
