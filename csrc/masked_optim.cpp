@@ -199,9 +199,9 @@ struct Avx512 {
   static constexpr int W = 64 / sizeof(T);
   using Vec = Lanes<T, W>;
 
-  // A whole, unmasked load, hidden from GCC, which would fold it with the register mask or expand
-  // that uses it into a masked load or the memory form of expand: on AMD Zen 5 a stream of masked
-  // loads kept the prefetcher from running ahead (compact step 2.2x slower at one thread).
+  // A whole, unmasked load, hidden from GCC, which would fold it with the register mask that uses
+  // it into a masked load: on AMD Zen 5 a stream of masked loads kept the prefetcher from running
+  // ahead (compact step 2.2x slower at one thread).
   SPARSEBERT_AVX512 Vec whole(const T* p) {
     Vec v;
     if constexpr (kFloat) v = {_mm512_loadu_ps(p)};
@@ -472,7 +472,7 @@ void update_kept(const Op& op, T* param, const T* grad, const T* gc, T* s0, T* s
 // offsets a buffer at a time (one compress per group), and update_kept works through it: a
 // pruned weight costs a bit of the mask, only kept ones are loaded and stored, and pruned weights
 // are not written. The lines of a group are prefetched as its offsets are listed: gathers do not
-// train the hardware prefetcher, and without it the step was 1.9x fused AdamW (Zen 5, one thread).
+// train the hardware prefetcher: without it the step was 1.9x fused AdamW (Zen 5, one thread, loaded).
 // 256 offsets at a time keep those lines in L1 until they are gathered (1024: 0.77x -> 0.58x).
 template <class Isa, class Op, typename T>
 void update_compact(const Op& op, const TensorPtrs<T>& t, int64_t begin, int64_t end, int64_t kept, const T* gc) {
