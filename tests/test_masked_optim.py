@@ -175,10 +175,19 @@ def path_problem(dtype, seed=0):
     return params, keeps
 
 
+def pruned_garbage(n, dtype):
+    """What stale values at pruned positions may hold (a pruning step's): NaN, -0.0, non-zeros, 0."""
+    return torch.tensor([float("nan"), -0.0, 1.5, 0.0], dtype=dtype).repeat((n + 3) // 4)[:n]
+
+
+def is_plus_zero(t):
+    return bool((t == 0).all() and not t.signbit().any())
+
+
 def kernel_path_results(steps=3):
     """Weights and state after a few steps of every op, state mode and check_finite setting,
     float32 and float64 (for the comparison across processes below). Pruned gradients hold NaN,
-    which every path must ignore."""
+    which every path must ignore, and so does dense state at pruned positions at the start."""
     out = {}
     for dtype in (torch.float32, torch.float64):
         for op in ("adamw", "sgd", "sgd-plain"):
@@ -190,6 +199,11 @@ def kernel_path_results(steps=3):
                     n_states = 2 if op == "adamw" else (1 if op == "sgd" else 0)
                     states = [[torch.zeros(int(k.sum()), dtype=dtype) if compact and k is not None else torch.zeros_like(p)
                                for p, k in zip(params, keeps)] for _ in range(n_states)]
+                    if not compact:
+                        for s in states:
+                            for t, k in zip(s, keeps):
+                                if k is not None:
+                                    t[~k] = pruned_garbage(int((~k).sum()), dtype)
                     for step in range(1, steps + 1):
                         grads = path_grads(params, step)
                         for g, k in zip(grads, keeps):
@@ -221,6 +235,10 @@ def test_kernel_paths_agree_bit_for_bit_and_match_torch():
                     assert torch.equal(compact[i], base[i])
                     if k is not None:
                         assert (base[i][~k] == 0).all()
+            for i, state in enumerate(base[len(keeps):]):  # dense state: stale values at pruned positions -> +0.0
+                k = keeps[i % len(keeps)]
+                if k is not None:
+                    assert is_plus_zero(state[~k]), f"{dtype} {op}: state {i} keeps a stale value at a pruned position"
     params, keeps = path_problem(torch.float64)
     ref = [torch.nn.Parameter(p * k if k is not None else p.clone()) for p, k in zip(params, keeps)]
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05, foreach=False)
@@ -229,6 +247,33 @@ def test_kernel_paths_agree_bit_for_bit_and_match_torch():
     got = results[f"{torch.float64}-adamw-compact=False-check=True"]
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r.detach(), **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_dense_state_writes_stale_pruned_weights_and_state_to_plus_zero(check):
+    """With dense state, every value at a pruned position, weight or state (NaN, -0.0, non-zero, as
+    a pruning step leaves them), becomes +0.0 in one step, and the kept weights do not depend on them."""
+    for dtype in (torch.float32, torch.float64):
+        params, keeps = path_problem(dtype)
+        grads = path_grads(params, 1)
+        results = []
+        for stale in (True, False):
+            ps = [p.clone() if stale or k is None else p * k for p, k in zip(params, keeps)]
+            if stale:
+                for p, k in zip(ps, keeps):
+                    if k is not None:
+                        p.view(-1)[(~k).view(-1).nonzero()[::5, 0]] = -0.0  # some pruned weights -0.0
+            states = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+            for s in states if stale else []:
+                for t, k in zip(s, keeps):
+                    if k is not None:
+                        t[~k] = pruned_garbage(int((~k).sum()), dtype)
+            masked_adamw_(ps, grads, *states, packed(keeps), 1, 1e-2, 0.9, 0.999, 1e-8, 0.05, check_finite=check)
+            results.append(ps + states[0] + states[1])
+            for i, k in enumerate(keeps * 3):
+                if k is not None:
+                    assert is_plus_zero(results[-1][i][~k]), f"{dtype}: tensor {i} keeps a stale pruned value"
+        assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_portable_kernels_match_avx512_bit_for_bit(tmp_path):
