@@ -56,7 +56,7 @@ from torch.optim.optimizer import ParamsT, register_optimizer_step_post_hook
 
 from . import zeros
 from .distributed import local, local_rows
-from .ops.mask import unpack_mask
+from .ops.mask import masks_equal, unpack_mask
 from .ops.optim_step import masked_adamw_, masked_sgd_
 
 __all__ = ["MaskChanged", "MaskedAdamW", "MaskedOptimizer", "MaskedSGD"]
@@ -232,7 +232,7 @@ class MaskedOptimizer(Optimizer):
         compacting = [compact and mask is not None and "compact_mask" not in state for mask, state in zip(masks, states)]
         if compact:
             for i, (mask, state) in enumerate(zip(masks, states)):
-                if mask is not None and "compact_mask" in state and not torch.equal(mask, state["compact_mask"]):
+                if mask is not None and "compact_mask" in state and not masks_equal(mask, state["compact_mask"]):
                     raise MaskChanged(f"{type(self).__name__}: the mask of parameter {i} of a step changed after its state "
                                       "was compacted; a compact-state optimizer needs locked masks: call "
                                       "optimizer.compact_state_(param) after changing a mask on purpose")

@@ -6,7 +6,7 @@ Padding bits are zero.
 """
 import torch
 
-__all__ = ["mask_nnz", "pack_mask", "unpack_mask"]
+__all__ = ["mask_nnz", "masks_equal", "pack_mask", "unpack_mask"]
 
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
@@ -38,3 +38,15 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
 def mask_nnz(packed: torch.Tensor) -> int:
     """Number of kept elements in a packed mask."""
     return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
+
+
+def masks_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two packed masks hold the same bits. Compares 8 bytes at a time where both are
+    contiguous and aligned (torch.equal on uint8 was a fifth of a compact AdamW step's time
+    over BERT-base; on int64 views it takes about a third as long)."""
+    if a.shape != b.shape or a.device != b.device:
+        return False
+    if (a.dtype == b.dtype == torch.uint8 and a.is_contiguous() and b.is_contiguous() and a.numel() % 8 == 0
+            and a.storage_offset() % 8 == 0 and b.storage_offset() % 8 == 0):
+        return torch.equal(a.reshape(-1).view(torch.int64), b.reshape(-1).view(torch.int64))
+    return torch.equal(a, b)
