@@ -43,7 +43,7 @@ def test_masks_equal_finds_any_single_differing_bit(shape):
             assert not masks_equal(a, b) and not masks_equal(b, a)
 
 
-def test_masks_equal_on_views_shapes_and_devices():
+def test_masks_equal_on_views_and_shapes():
     a = torch.arange(256, dtype=torch.uint8).repeat(4).reshape(16, 64)
     assert masks_equal(a[:, 8:16], a.clone()[:, 8:16])        # non-contiguous
     assert masks_equal(a.view(-1)[3:67], a.clone().view(-1)[3:67])  # unaligned offset
