@@ -23,6 +23,9 @@ TRAIN, DEV, BATCH, STEPS = 24, 10, 8, 6
 METHODS = {
     # magnitude, per-matrix top-k on a cubic schedule (4 events), KAP's distillation (attention, hidden, soft CE)
     "kap": ("sparsebert-kap", {"sparsity": 0.75, "events": 4, "end_frac": 0.67}),
+    # KAP with the oBERT criterion: its Fisher from the all-reduced gradients, the same on every rank
+    "obert": ("sparsebert-kap", {"sparsity": 0.75, "events": 4, "end_frac": 0.67, "criterion": "obert",
+                                 "criterion_kwargs": {"block": 8}}),
     # movement scores, every-step top-k (Sanh), PrC + FiC + SnC memory banks
     "cap": ("cap", {"sparsity": 0.5, "warmup_frac": 0.2, "cooldown_frac": 0.2, "score_init": "magnitude",
                     "contrastive": {"negatives": 16, "max_snapshots": 2}}),

@@ -170,3 +170,27 @@ def test_checkpoints_hold_the_method_state_and_resume_exactly(env, tmp_path):
         assert torch.equal(got[name].mask, want[name].mask), name
         torch.testing.assert_close(got[name].weight, want[name].weight)
         torch.testing.assert_close(got[name].scores, want[name].scores)
+
+
+@pytest.mark.parametrize("own_trainer", [True, False])
+def test_obert_sees_the_gradients_of_every_optimizer_step(env, tmp_path, own_trainer, monkeypatch):
+    """The oBERT criterion's Fisher is fed by the optimizer's step, whichever loop and optimizer: the
+    PruningTrainer's MaskedAdamW and the Trainer's own AdamW under the bare callback."""
+    from sparsebert.sparsity.fisher import BlockFisher
+    seen = []
+    add = BlockFisher.add
+    monkeypatch.setattr(BlockFisher, "add", lambda self, grad: (seen.append(grad.abs().sum() > 0), add(self, grad))[1])
+    student = load(env["student"])
+    pruning = sparsebert.Pruning("gradual-magnitude", sparsity=0.9, criterion="obert", criterion_kwargs={"block": 8})
+    kwargs = trainer_kwargs(env, tmp_path / "obert", remove_unused_columns=False)
+    if own_trainer:
+        trainer = PruningTrainer(model=student, pruning=pruning, **kwargs)
+    else:
+        trainer = Trainer(model=student, callbacks=[PruningCallback(pruning)], **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnmaskedOptimizerWarning)
+        trainer.train()
+    modules = masked_modules(student)
+    assert len(seen) == pruning.method.pruner.schedule.end * len(modules) and all(seen)
+    assert sum(m.nnz() for m in modules.values()) == sum(kept_oracle(m.weight.numel(), 0.9) for m in modules.values())
+    assert revived(student) == 0

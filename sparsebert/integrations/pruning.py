@@ -205,6 +205,7 @@ class Pruning:
             for weight, mask in masks.items():
                 if id(weight) in present:
                     optimizer.set_mask(weight, mask)
+        method.watch(optimizer)
         return optimizer
 
     @staticmethod

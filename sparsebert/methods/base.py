@@ -89,6 +89,10 @@ class Method:
         """The optimizer this method trains with, over the student's parameters (after setup())."""
         return torch.optim.AdamW(self._param_groups(weight_decay), lr=lr)
 
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Let the method see the gradients of every step of `optimizer` (an optimizer it did not build,
+        after setup()): a criterion with gradient statistics reads them. optimizer() watches its own."""
+
     def optimizer_masks(self) -> dict[torch.Tensor, torch.Tensor]:
         """{weight: packed mask} whose pruned weights an optimizer must keep at 0 (after setup())."""
         return {}

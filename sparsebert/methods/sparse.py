@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 import re
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +35,8 @@ COMMON: dict[str, Any] = {
     "warmup_ratio": 0.1,
     "sparsity": 0.9,  # final sparsity of the pruned set
     "targets": None,  # regexes of the nn.Linear modules to prune; None: the encoder matrices (sparsebert.families)
-    "criterion": "magnitude",  # CRITERIA: magnitude | movement | soft-movement
+    "criterion": "magnitude",  # CRITERIA: magnitude | movement | soft-movement | obert
+    "criterion_kwargs": {},  # obert: the Fisher's block, grads (moving-average horizon) and damp (sparsity/fisher.py)
     "pattern": "tensor",  # PATTERNS: global | tensor | row | nm | block | structured
     "pattern_kwargs": {},
     "schedule": "cubic",  # SCHEDULES: cubic | one-shot | sanh | lock | none
@@ -79,10 +81,18 @@ class SparseMethod(Method):
         if c["score_init"] != "zeros" and not self.criterion.learns_scores:
             raise ValueError(f"score_init={c['score_init']!r} needs a movement criterion (one that learns scores), "
                              f"not {self.criterion_name!r}")
+        if self.criterion.stats is None and c["criterion_kwargs"]:
+            raise ValueError(f"criterion {self.criterion_name!r} takes no criterion_kwargs, got {c['criterion_kwargs']!r}")
+        if self.criterion.stats is not None:  # bad options fail here, before setup changes the model
+            try:
+                self.criterion.stats(torch.nn.Linear(1, 1, device="meta"), **c["criterion_kwargs"])
+            except TypeError as error:
+                raise ValueError(f"criterion {self.criterion_name!r}: bad criterion_kwargs: {error}") from None
         self.lr_scales = _lr_scales(c["lr_scales"])
         self.distill = self._section(DistillConfig, c["distill"], "distill")
         self.contrastive_config = self._section(ContrastiveConfig, c["contrastive"], "contrastive") if c["contrastive"] else None
         self.pruner: Pruner | None = None
+        self._watched = weakref.WeakSet()  # optimizers whose steps feed the criterion's statistics
         self.contrastive: ContrastiveModule | None = None
 
     def _section(self, cls, values, option: str):
@@ -134,7 +144,8 @@ class SparseMethod(Method):
                     module.scores.copy_(module.weight.abs())
         prune_with = {"pattern_kwargs": c["pattern_kwargs"], "num_heads": student.config.num_attention_heads}
         schedule = SCHEDULES.get(c["schedule"]).from_config(c, ctx.total_steps, criterion)
-        self.pruner = Pruner(modules, self.criterion_name, c["pattern"], schedule, **prune_with)
+        self.pruner = Pruner(modules, self.criterion_name, c["pattern"], schedule, criterion_kwargs=c["criterion_kwargs"],
+                             **prune_with)
         self.pruner.step(0)
         if criterion.exact:
             self.exact_pruner = Pruner(modules, criterion.exact, c["pattern"], None, zero_weights=False, **prune_with)
@@ -161,8 +172,29 @@ class SparseMethod(Method):
         for group in self.added_param_groups():  # their LR as a scale of the scheduled one
             groups.append({**{k: v for k, v in group.items() if k != "lr"}, "lr_scale": group["lr"] / lr})
         compact = self.pruner.locked if c["compact"] is None else c["compact"]
-        return MaskedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                           masks=self.optimizer_masks(), compact=compact)
+        optimizer = MaskedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                                masks=self.optimizer_masks(), compact=compact)
+        self.watch(optimizer)
+        return optimizer
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        # The gradients a criterion's statistics need are those the optimizer steps with: after the
+        # loop's backward, gradient accumulation, all-reduce, unscaling and clipping, whatever the loop.
+        if self.pruner.grad_stats is None:
+            return
+        while not hasattr(optimizer, "_optimizer_step_pre_hooks") and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer  # a wrapper's step (accelerate's AcceleratedOptimizer) runs the inner one's
+        if not hasattr(optimizer, "register_step_pre_hook"):
+            raise TypeError(f"criterion {self.criterion_name!r} reads the gradients of every optimizer step, through "
+                            f"torch.optim.Optimizer's step hooks, which a {type(optimizer).__name__} does not have")
+        if optimizer in self._watched:
+            return
+        self._watched.add(optimizer)
+
+        def observe(opt, args, kwargs):
+            if self.pruner.wants_gradients():
+                self.pruner.observe()
+        optimizer.register_step_pre_hook(observe)
 
     def lr_at(self, step: int, base_lr: float) -> float:
         total = self.ctx.total_steps

@@ -4,7 +4,8 @@ shaped like their weights; a mask pattern (patterns.py) then turns scores into m
 Count-based criteria are ranked by `sparsebert.ops.topk_masks`; threshold-based ones (soft movement,
 pattern lock) keep `key > threshold` and their sparsity is whatever the threshold gives (counted).
 A criterion also says what it asks of the pruning around it (learnable scores, a loss penalty, a
-last exact event), so that methods look it up instead of testing its name.
+last exact event, gradient statistics, a weight update after each event), so that methods look it up
+instead of testing its name.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..registry import Registry
+from .fisher import BlockFisher
 from .modules import MaskedLinear
 
 
@@ -30,7 +32,7 @@ class Importance:
 class Criterion:
     """A ranking of weights for pruning, with the traits the pruner and the methods act on."""
 
-    rank: Callable[[list[MaskedLinear]], tuple[list[torch.Tensor], bool]]  # -> (keys, rank by |key|)
+    rank: Callable[..., tuple[list[torch.Tensor], bool]]  # (modules[, stats]) -> (keys, rank by |key|)
     #: Ranks learnable scores: the modules carry them, and pruned weights keep their values (a revived
     #: weight resumes where it was) until the pruner's finalize() zeroes them.
     learns_scores: bool = False
@@ -40,9 +42,16 @@ class Criterion:
     penalty: Callable[[list[MaskedLinear]], torch.Tensor] | None = None
     #: A count-based criterion for one last event that makes the final sparsity exact, or None.
     exact: str | None = None
+    #: Gradient statistics the ranking reads: built per module as stats(module, **criterion_kwargs),
+    #: fed every optimizer step's gradient (`add(grad)`) until the last event, and passed to rank();
+    #: None for criteria that read the weights alone.
+    stats: Callable[..., object] | None = None
+    #: After an event has written the masks: update(modules, stats, newly pruned masks) moves the kept
+    #: weights to make up for the pruned ones (OBS), before they are zeroed; or None.
+    update: Callable[[list[MaskedLinear], list, list[torch.Tensor]], None] | None = None
 
-    def __call__(self, modules: list[MaskedLinear]) -> Importance:
-        tensors, use_abs = self.rank(modules)
+    def __call__(self, modules: list[MaskedLinear], stats: list | None = None) -> Importance:
+        tensors, use_abs = self.rank(modules, stats) if self.stats is not None else self.rank(modules)
         return Importance(tensors, use_abs, self.by_threshold)
 
 
@@ -86,6 +95,24 @@ def soft_movement(modules):
     """Sanh et al. soft movement: keep sigmoid(S) > threshold; sparsity comes from the L1 penalty
     on sigmoid(S), not from a count; one last movement event makes it exact."""
     return [torch.sigmoid(s) for s in _scores(modules, "soft-movement")], False
+
+
+def _fisher(module: MaskedLinear, **kwargs) -> BlockFisher:
+    return BlockFisher(module.out_features, module.in_features, device=module.weight.device, **kwargs)
+
+
+def _obs_update(modules, stats, pruned) -> None:
+    for module, fisher, newly in zip(modules, stats, pruned):
+        fisher.compensate_(module.weight.data, newly)
+        fisher.release()
+
+
+@criterion("obert", stats=_fisher, update=_obs_update)
+def obert(modules, stats):
+    """oBERT (Kurtic et al., 2022): the OBS loss of pruning each weight, w^2 / (2 [F^-1]_qq), with the
+    block-diagonal empirical Fisher of the gradients seen (sparsity/fisher.py); after each event the
+    kept weights of a block move to make up for its pruned ones. Magnitude before any gradient."""
+    return [fisher.saliency(m.weight.detach()) for m, fisher in zip(modules, stats)], False
 
 
 @criterion("nonzero", by_threshold=True)

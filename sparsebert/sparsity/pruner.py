@@ -20,11 +20,15 @@ class Pruner:
     (`zero_weights` overrides the criterion's choice). `num_heads` (the model's attention heads) is
     given to every pattern; the structured one needs it. `check_ranks`: under torch.distributed, check
     after every event that all ranks hold the same masks (see `prune`).
+
+    A criterion with gradient statistics (oBERT's Fisher) gets them from `observe()`, which a masked
+    optimizer's step calls through `SparseMethod.watch` while `wants_gradients()`: from the first step
+    to the last event; `criterion_kwargs` configure them (e.g. {"block": 50, "grads": 128}).
     """
 
     def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule: Schedule | None, *,
                  pattern_kwargs: dict | None = None, num_heads: int | None = None, zero_weights: bool | None = None,
-                 check_ranks: bool = True):
+                 check_ranks: bool = True, criterion_kwargs: dict | None = None):
         if not modules:
             raise ValueError("Pruner needs at least one MaskedLinear module")
         self.names = list(modules)
@@ -38,6 +42,13 @@ class Pruner:
             self.pattern_kwargs.setdefault("num_heads", num_heads)
         self.zero_weights = not self.criterion.learns_scores if zero_weights is None else zero_weights
         self.check_ranks = check_ranks
+        self.criterion_kwargs = dict(criterion_kwargs or {})
+        if self.criterion.stats is None and self.criterion_kwargs:
+            raise ValueError(f"criterion {criterion!r} takes no options, got {sorted(self.criterion_kwargs)}")
+        self.grad_stats = None
+        if self.criterion.stats is not None:  # built now, so that bad options fail before training
+            self.grad_stats = [self.criterion.stats(m, **self.criterion_kwargs) for m in self.modules]
+        self.t = 0
         self.last_event = -1
         self.events = 0
         self.sparsity = 0.0
@@ -58,11 +69,29 @@ class Pruner:
 
     def step(self, t: int) -> dict[str, float]:
         """Call with t = completed optimizer steps (0 before training)."""
+        self.t = t
         if self.schedule is None or not self.schedule.is_event(t):
             return {}
-        stats = self.prune(self.schedule.value_at(t))
+        report = self.prune(self.schedule.value_at(t))
         self.last_event = t
-        return stats
+        if not self.wants_gradients():
+            self.grad_stats = None  # no event left to rank
+        return report
+
+    def wants_gradients(self) -> bool:
+        """Whether the criterion reads gradient statistics and an event is still to come."""
+        return self.grad_stats is not None and self.schedule is not None and self.t < self.schedule.end
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """Fold the weights' current gradients into the criterion's statistics (before the optimizer
+        step that uses them; a module without a gradient counts as a zero one)."""
+        for module, fisher in zip(self.modules, self.grad_stats):
+            grad = module.weight.grad
+            if D.is_sharded(module.weight):
+                raise NotImplementedError(f"criterion {self.criterion_name!r} keeps its gradient statistics per "
+                                          "whole weight: it does not run on sharded (FSDP2) weights; use DDP")
+            fisher.add(grad if grad is not None else torch.zeros_like(module.weight))
 
     @torch.no_grad()
     def prune(self, value: float) -> dict[str, float]:
@@ -73,7 +102,11 @@ class Pruner:
         the event reports the bytes its collectives moved (`comm_bytes`) and what gathering the
         ranked scores would have moved instead (`gather_bytes`). Under torch.distributed every rank
         must call it: the masks are checked to agree across ranks (MasksDiffer otherwise)."""
-        imp: Importance = self.criterion(self.modules)
+        if self.criterion.stats is not None and self.grad_stats is None:
+            raise RuntimeError(f"criterion {self.criterion_name!r}: its gradient statistics were released after the "
+                               "schedule's last event; build a new Pruner to prune again")
+        imp: Importance = self.criterion(self.modules, self.grad_stats)
+        before = [m.dense_mask() for m in self.modules] if self.criterion.update is not None else None
         sharded = any(D.is_sharded(t) for t in imp.tensors)
         with D.comm_log() as comm:
             if imp.by_threshold:
@@ -83,6 +116,9 @@ class Pruner:
                 masks, expected = self.pattern(imp, value, names=self.names, **self.pattern_kwargs)
             for module, mask in zip(self.modules, D.full_tensors(masks)):
                 module.mask.copy_(mask)
+            if before is not None:
+                self.criterion.update(self.modules, self.grad_stats, [b & ~m.dense_mask() for b, m in zip(before, self.modules)])
+            for module in self.modules:
                 if self.zero_weights:
                     self._zero(module)
             if self.check_ranks:
@@ -130,12 +166,27 @@ class Pruner:
 
     def state_dict(self) -> dict:
         """The event bookkeeping, for resume."""
-        # Masks and scores live in the model's state_dict; this is the event bookkeeping.
-        return {"last_event": self.last_event, "events": self.events, "sparsity": self.sparsity, "finalized": int(self.finalized)}
+        # Masks and scores live in the model's state_dict; this is the event bookkeeping (and the
+        # criterion's gradient statistics while it still needs them).
+        state = {"t": self.t, "last_event": self.last_event, "events": self.events, "sparsity": self.sparsity,
+                 "finalized": int(self.finalized)}
+        if self.grad_stats is not None:
+            state["stats"] = [s.state_dict() for s in self.grad_stats]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore state_dict() after the model's state (masks) of the same checkpoint."""
         self.last_event, self.events, self.sparsity = int(state["last_event"]), int(state["events"]), float(state["sparsity"])
+        self.t = int(state.get("t", max(self.last_event, 0)))
+        if self.grad_stats is not None:
+            if "stats" in state:
+                for held, saved in zip(self.grad_stats, state["stats"], strict=True):
+                    held.load_state_dict(saved)
+            elif self.wants_gradients():
+                raise ValueError(f"criterion {self.criterion_name!r} needs its gradient statistics to resume before "
+                                 "its last event: the saved state has none")
+            else:
+                self.grad_stats = None
         if bool(state.get("finalized", 0)):
             self.finalize()
         elif self.zero_weights and self.events:

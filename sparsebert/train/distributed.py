@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..families import UnknownFamily, family_of, family_of_type
+from ..sparsity.criteria import CRITERIA
 from .errors import ConfigError, StageError
 from .runs import Run
 
@@ -180,7 +181,7 @@ def preflight(cfg: dict, model_exists: bool = True) -> None:
     """What a run needs from the job torchrun launched (checked before the process group exists): a
     mode that fits, a global batch that splits evenly over the ranks, and under FSDP a known model
     family (when the model exists: a pipeline's later stages train what its first ones write) and a
-    pattern that runs on shards."""
+    pattern and criterion that run on shards."""
     mode, world = check(cfg["run"]), launched_world()
     if world <= 1:
         return
@@ -201,6 +202,10 @@ def preflight(cfg: dict, model_exists: bool = True) -> None:
         if pattern in ("structured", "block"):
             raise StageError(f"method pattern {pattern!r} ranks whole matrices and does not run on FSDP-sharded weights: "
                              "use --distributed ddp")
+        criterion = cfg["method"].get("criterion")
+        if criterion in CRITERIA and CRITERIA.get(criterion).stats is not None:
+            raise StageError(f"method criterion {criterion!r} keeps gradient statistics per whole weight and does not "
+                             "run on FSDP-sharded weights: use --distributed ddp")
 
 
 def check_tail(train_size: int, batch_size: int, total_steps: int, steps_per_epoch: int) -> None:
