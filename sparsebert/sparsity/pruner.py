@@ -21,9 +21,9 @@ class Pruner:
     given to every pattern; the structured one needs it. `check_ranks`: under torch.distributed, check
     after every event that all ranks hold the same masks (see `prune`).
 
-    A criterion with gradient statistics (oBERT's Fisher) gets them from `observe()`, which a masked
-    optimizer's step calls through `SparseMethod.watch` while `wants_gradients()`: from the first step
-    to the last event; `criterion_kwargs` configure them (e.g. {"block": 50, "grads": 128}).
+    A criterion with gradient statistics (oBERT's Fisher) gets them from `observe()`, which the training
+    optimizer's step calls (a hook `SparseMethod.watch` adds) while `wants_gradients()`: from the first
+    step to the last event; `criterion_kwargs` configure them (e.g. {"block": 50, "grads": 128}).
     """
 
     def __init__(self, modules: dict[str, MaskedLinear], criterion: str, pattern: str, schedule: Schedule | None, *,
