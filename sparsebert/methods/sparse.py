@@ -81,13 +81,7 @@ class SparseMethod(Method):
         if c["score_init"] != "zeros" and not self.criterion.learns_scores:
             raise ValueError(f"score_init={c['score_init']!r} needs a movement criterion (one that learns scores), "
                              f"not {self.criterion_name!r}")
-        if self.criterion.stats is None and c["criterion_kwargs"]:
-            raise ValueError(f"criterion {self.criterion_name!r} takes no criterion_kwargs, got {c['criterion_kwargs']!r}")
-        if self.criterion.stats is not None:  # bad options fail here, before setup changes the model
-            try:
-                self.criterion.stats(torch.nn.Linear(1, 1, device="meta"), **c["criterion_kwargs"])
-            except TypeError as error:
-                raise ValueError(f"criterion {self.criterion_name!r}: bad criterion_kwargs: {error}") from None
+        self.criterion.check_options(self.criterion_name, c["criterion_kwargs"])  # before setup changes the model
         self.lr_scales = _lr_scales(c["lr_scales"])
         self.distill = self._section(DistillConfig, c["distill"], "distill")
         self.contrastive_config = self._section(ContrastiveConfig, c["contrastive"], "contrastive") if c["contrastive"] else None

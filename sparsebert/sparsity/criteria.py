@@ -50,6 +50,17 @@ class Criterion:
     #: weights to make up for the pruned ones (OBS), before they are zeroed; or None.
     update: Callable[[list[MaskedLinear], list, list[torch.Tensor]], None] | None = None
 
+    def check_options(self, name: str, options: dict) -> None:
+        """ValueError for options this criterion does not take (criterion_kwargs), before anything is built."""
+        if self.stats is None:
+            if options:
+                raise ValueError(f"criterion {name!r} takes no criterion_kwargs, got {options!r}")
+            return
+        try:
+            self.stats(torch.nn.Linear(1, 1, device="meta"), **options)
+        except TypeError as error:
+            raise ValueError(f"criterion {name!r}: bad criterion_kwargs: {error}") from None
+
     def __call__(self, modules: list[MaskedLinear], stats: list | None = None) -> Importance:
         tensors, use_abs = self.rank(modules, stats) if self.stats is not None else self.rank(modules)
         return Importance(tensors, use_abs, self.by_threshold)

@@ -42,12 +42,11 @@ class Pruner:
             self.pattern_kwargs.setdefault("num_heads", num_heads)
         self.zero_weights = not self.criterion.learns_scores if zero_weights is None else zero_weights
         self.check_ranks = check_ranks
-        self.criterion_kwargs = dict(criterion_kwargs or {})
-        if self.criterion.stats is None and self.criterion_kwargs:
-            raise ValueError(f"criterion {criterion!r} takes no options, got {sorted(self.criterion_kwargs)}")
+        criterion_kwargs = dict(criterion_kwargs or {})
+        self.criterion.check_options(criterion, criterion_kwargs)
         self.grad_stats = None
-        if self.criterion.stats is not None:  # built now, so that bad options fail before training
-            self.grad_stats = [self.criterion.stats(m, **self.criterion_kwargs) for m in self.modules]
+        if self.criterion.stats is not None:
+            self.grad_stats = [self.criterion.stats(m, **criterion_kwargs) for m in self.modules]
         self.t = 0
         self.last_event = -1
         self.events = 0
@@ -118,8 +117,8 @@ class Pruner:
                 module.mask.copy_(mask)
             if before is not None:
                 self.criterion.update(self.modules, self.grad_stats, [b & ~m.dense_mask() for b, m in zip(before, self.modules)])
-            for module in self.modules:
-                if self.zero_weights:
+            if self.zero_weights:
+                for module in self.modules:
                     self._zero(module)
             if self.check_ranks:
                 D.check_same_on_ranks([m.mask for m in self.modules], self.names, self._group(imp.tensors),
