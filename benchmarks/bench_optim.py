@@ -3,14 +3,20 @@
 (dense state, compact state at 90% sparsity) against torch.optim.AdamW (fused, foreach), with a
 correctness check first.
 
-    python benchmarks/bench_optim.py [--device cpu|cuda] [--repeats 3] [--rounds 9] [--sparsity 0.9] [--threads N]
+    python benchmarks/bench_optim.py [--device cpu|cuda] [--repeats 3] [--rounds 9] [--sparsity 0.9] [--threads N] [--floor]
 
 torch's fused AdamW costs very different amounts over 72 tensors and over one (a parallel region
 per tensor), so every row has its ratio to both: vs_fused_72 and vs_fused_flat, each the median
 over rounds of the ratio to that baseline measured in the same round.
+
+--floor (CPU with AVX-512) adds, on the flat tensor, kernels that move a step's bytes with next to no
+arithmetic (optim_floor.cpp, compiled at start): fused AdamW's, a compact-state step's (with and
+without its state, reading every line or only those with a kept weight) and the weight and gradient
+lines alone; what this machine's memory system allows a kernel that moves those bytes.
 """
 import argparse
 import gc
+import pathlib
 import statistics
 
 import torch
@@ -52,6 +58,41 @@ def torch_state_nbytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
+class Floor:
+    """One of optim_floor.cpp's traffic kernels over the flat tensor, timed like an optimizer's step."""
+
+    def __init__(self, kernel, *args, state_nbytes: int = 0):
+        self.kernel, self.args, self.nbytes = kernel, args, state_nbytes
+
+    def step(self) -> None:
+        self.kernel(*self.args)
+
+    def state_nbytes(self) -> int:
+        return self.nbytes
+
+
+def floor_cases(param: torch.nn.Parameter, mask: torch.Tensor):
+    """(name, build) of the traffic kernels over one flat tensor and its packed mask."""
+    from torch.utils.cpp_extension import load
+    ext = load("sparsebert_optim_floor", [str(pathlib.Path(__file__).with_name("optim_floor.cpp"))],
+               extra_cflags=["-O3", "-mavx512f", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    w, g = param.data, param.grad
+    if w.numel() % 16384:
+        raise ValueError(f"--floor needs a multiple of 16384 weights, got {w.numel()}")
+    dense = [torch.zeros_like(w), torch.zeros_like(w)]
+    kept = mask_nnz(mask)
+    compact = [torch.zeros(kept + 16), torch.zeros(kept + 16)]  # 16 of slack: whole-vector stores
+    starts = ext.compact_starts(mask)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    yield "floor: fused AdamW's bytes", lambda: Floor(ext.fused_traffic, w, g, *dense, state_nbytes=nbytes(dense))
+    for state, only_kept, name in ((True, False, "compact step's bytes"),
+                                   (True, True, "compact step's bytes, only lines with a kept weight"),
+                                   (False, False, "weight and gradient lines read, kept weights written")):
+        yield f"floor: {name}", lambda state=state, only_kept=only_kept: Floor(
+            ext.compact_traffic, w, g, mask, starts, *compact, state, only_kept, state_nbytes=nbytes(compact) if state else 0)
+    yield "floor: weight and gradient lines read", lambda: Floor(ext.read_traffic, w, g)
+
+
 def layouts(device: str, sparsity: float) -> dict[str, tuple[list[torch.nn.Parameter], list[torch.Tensor]]]:
     """The encoder weights with gradients and masks, as 72 tensors and as one flat tensor (the
     same values and kept positions)."""
@@ -80,7 +121,11 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads); default: torch's")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time kernels that only move a step's bytes (CPU with AVX-512; compiled at start)")
     args = parser.parse_args()
+    if args.floor and (args.device != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512"):
+        parser.error("--floor needs --device cpu on a CPU with AVX-512 that torch uses")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -92,6 +137,7 @@ def main() -> None:
     numel = sum(p.numel() for p in data["flat"][0])
     kept = mask_nnz(data["flat"][1][0])
     pct = f"{args.sparsity:.0%}"
+    floors = list(floor_cases(data["flat"][0][0], data["flat"][1][0])) if args.floor else []
 
     def cases(layout: str):
         params, masks = data[layout]
@@ -104,6 +150,9 @@ def main() -> None:
             yield f"ours dense state, masks {pct}", cf, lambda cf=cf: MaskedAdamW(group(), lr=1e-4, check_finite=cf)
             yield f"ours compact state, masks {pct}", cf, lambda cf=cf: MaskedAdamW(
                 group(), lr=1e-4, compact=True, check_finite=cf)
+        if layout == "flat":
+            for name, build in floors:
+                yield name, None, build
 
     keys = [(layout, name, check_finite) for layout in data for name, check_finite, _ in cases(layout)]
     times: dict[tuple, list[float]] = {key: [] for key in keys}
@@ -116,7 +165,7 @@ def main() -> None:
             opt = build()
             key = (layout, name, check_finite)
             times[key].append(harness.median_time(opt.step, device, repeats=args.repeats, warmup=2))
-            state_bytes[key] = opt.state_nbytes() if isinstance(opt, MaskedAdamW) else torch_state_nbytes(opt)
+            state_bytes[key] = opt.state_nbytes() if hasattr(opt, "state_nbytes") else torch_state_nbytes(opt)
             del opt
             gc.collect()
 
