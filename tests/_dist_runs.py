@@ -4,7 +4,9 @@ the final weights and optimizer state (full, as a checkpoint holds them), the fi
 banks, and the collectives the pruner ran."""
 from __future__ import annotations
 
+import faulthandler
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -243,10 +245,14 @@ def worker(rank: int, world: int, ports: list[int], jobs: list[tuple]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # a rank that never arrives fails the job in 5 minutes, not the default 30, and every rank still
+    # in a job after 4 prints its stack
+    dist.distributed_c10d.default_pg_timeout = timedelta(minutes=5)
     ports = list(ports[1:])
     steps = {"global-mean": global_mean, "differ": masks_differ, "wrapped": wrapped_setup}
     try:
         for job in jobs:
+            faulthandler.dump_traceback_later(240)
             if job[0] == "example":
                 TD.stop()
                 os.environ["MASTER_PORT"] = str(ports.pop(0))  # the last group's store may still hold its port
@@ -258,4 +264,5 @@ def worker(rank: int, world: int, ports: list[int], jobs: list[tuple]) -> None:
             else:
                 steps[job[0]](Path(job[1]))
     finally:
+        faulthandler.cancel_dump_traceback_later()
         TD.stop()

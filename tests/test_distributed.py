@@ -3,6 +3,7 @@ single-process run, CAP's banks, the library in users' own loops, torchrun with 
 localhost, kill -9 of one rank and resume, and the refusals of bad set-ups."""
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -22,9 +23,21 @@ WORLD = 2
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
+    """n free ports below the kernel's ephemeral range. A store port inside that range can be drawn as the
+    local port of a client that retries connecting to it before the server listens: the client then
+    connects to itself (TCP simultaneous open) and the server waits for it until its timeout."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    socks, rng = [], random.Random()
+    while len(socks) < n:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", rng.randrange(max(1024, low // 2), low)))
+            socks.append(s)
+        except OSError:
+            s.close()
     ports = [s.getsockname()[1] for s in socks]
     for s in socks:
         s.close()
