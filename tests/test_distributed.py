@@ -48,15 +48,18 @@ def free_ports(n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """Single-process runs here; the same runs as 2-rank DDP / FSDP2 jobs, and the library checks, in one spawn."""
+    """Single-process runs here; the same runs as 2-rank DDP / FSDP2 jobs and the library checks in one spawn,
+    then the two examples of docs/DISTRIBUTED.md."""
     out = tmp_path_factory.mktemp("spawned")
     single = {name: R.run(name) for name in ("kap", "cap", "lock", "kap-bf16", "obert")}
     runs = [("ddp", "kap"), ("fsdp", "kap"), ("ddp", "cap"), ("fsdp", "lock"), ("fsdp", "kap-bf16"), ("ddp", "obert")]
     jobs = [("run", mode, name, str(out / f"{mode}-{name}.pt")) for mode, name in runs]
     jobs += [("global-mean", str(out / "global-mean.pt")), ("differ", str(out / "differ")),
-             ("wrapped", str(out / "wrapped.pt")), ("example", 0, str(out / "example-ddp.txt")),
-             ("example", 1, str(out / "example-fsdp.txt"))]
-    torch.multiprocessing.spawn(R.worker, args=(WORLD, free_ports(3), jobs), nprocs=WORLD)
+             ("wrapped", str(out / "wrapped.pt"))]
+    torch.multiprocessing.spawn(R.worker, args=(WORLD, free_ports(1), jobs), nprocs=WORLD)
+    for index, name in enumerate(("ddp", "fsdp")):  # each example in fresh processes, as a user's script runs
+        example = [("example", index, str(out / f"example-{name}.txt"))]
+        torch.multiprocessing.spawn(R.worker, args=(WORLD, free_ports(2), example), nprocs=WORLD)
     dist = {f"{mode}-{name}": torch.load(out / f"{mode}-{name}.pt", weights_only=False) for mode, name in runs}
     return single, dist, out
 
