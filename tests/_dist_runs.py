@@ -238,24 +238,21 @@ def example(index: int, out: Path) -> None:
         Path(out).write_text(printed.getvalue())
 
 
-def worker(rank: int, world: int, ports: list[int], jobs: list[tuple]) -> None:
+def worker(rank: int, world: int, port: int, jobs: list[tuple]) -> None:
     """One rank: each job is ("run", mode, run name, output file), ("global-mean", out), ("differ", out),
-    ("wrapped", out) or ("example", index, out); the jobs share one process group, but each example
-    makes its own (on the next of `ports`)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), WORLD_SIZE=str(world),
+    ("wrapped", out) or ("example", index, out), on the store at `port`; an example makes its own process
+    group, so it runs alone in its processes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     # a rank that never arrives fails the job in 5 minutes, not the default 30, and every rank still
     # in a job after 4 prints its stack
     dist.distributed_c10d.default_pg_timeout = timedelta(minutes=5)
-    ports = list(ports[1:])
     steps = {"global-mean": global_mean, "differ": masks_differ, "wrapped": wrapped_setup}
     try:
         for job in jobs:
             faulthandler.dump_traceback_later(240)
             if job[0] == "example":
-                TD.stop()
-                os.environ["MASTER_PORT"] = str(ports.pop(0))  # the last group's store may still hold its port
                 example(job[1], job[2])
                 continue
             TD.start({"distributed": job[1] if job[0] == "run" else "ddp", "dist_backend": "gloo", "device": "cpu"})

@@ -22,26 +22,22 @@ from sparsebert.train import main
 WORLD = 2
 
 
-def free_ports(n: int) -> list[int]:
-    """n free ports below the kernel's ephemeral range. A store port inside that range can be drawn as the
-    local port of a client that retries connecting to it before the server listens: the client then
-    connects to itself (TCP simultaneous open) and the server waits for it until its timeout."""
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range: a store port inside it can be drawn as the local port
+    of a client that retries connecting before the server listens, and the client then connects to itself
+    (TCP simultaneous open) while the server waits for it until its timeout."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    socks, rng = [], random.Random()
-    while len(socks) < n:
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", rng.randrange(max(1024, low // 2), low)))
-            socks.append(s)
-        except OSError:
-            s.close()
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    rng = random.Random()
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", rng.randrange(max(1024, low // 2), low)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
 
 
 # ---- the trainer and the library on 2 spawned processes ------------------------------------------
@@ -56,10 +52,10 @@ def spawned(tmp_path_factory):
     jobs = [("run", mode, name, str(out / f"{mode}-{name}.pt")) for mode, name in runs]
     jobs += [("global-mean", str(out / "global-mean.pt")), ("differ", str(out / "differ")),
              ("wrapped", str(out / "wrapped.pt"))]
-    torch.multiprocessing.spawn(R.worker, args=(WORLD, free_ports(1), jobs), nprocs=WORLD)
+    torch.multiprocessing.spawn(R.worker, args=(WORLD, free_port(), jobs), nprocs=WORLD)
     for index, name in enumerate(("ddp", "fsdp")):  # each example in fresh processes, as a user's script runs
         example = [("example", index, str(out / f"example-{name}.txt"))]
-        torch.multiprocessing.spawn(R.worker, args=(WORLD, free_ports(2), example), nprocs=WORLD)
+        torch.multiprocessing.spawn(R.worker, args=(WORLD, free_port(), example), nprocs=WORLD)
     dist = {f"{mode}-{name}": torch.load(out / f"{mode}-{name}.pt", weights_only=False) for mode, name in runs}
     return single, dist, out
 
@@ -244,7 +240,7 @@ def assert_same_as_single(cli, run: Path) -> None:
 def test_torchrun_two_nodes_on_localhost_run_one_job(cli):
     """torchrun --nnodes=2 --nproc_per_node=1, rendezvous on 127.0.0.1: one job (one run dir, written
     once) that equals the single-process run: masks, losses, metrics."""
-    port, out = free_ports(1)[0], cli["root"] / "two-nodes"
+    port, out = free_port(), cli["root"] / "two-nodes"
     launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=two-nodes"]
     nodes = [torchrun(cli["args"] + ["--out", str(out)], *launcher) for _ in range(2)]
@@ -262,14 +258,14 @@ def test_kill_one_rank_then_resume(cli):
     masks and metrics of the uninterrupted run (of one process). The checkpoint of the 2 FSDP2 ranks
     also resumes in one process."""
     run = cli["root"] / "killed"
-    port = free_ports(1)[0]
+    port = free_port()
     rc, _, err = finish(torchrun(cli["args"] + ["--run-dir", str(run), "--distributed", "fsdp"], "--nproc_per_node=2",
                                  f"--master_port={port}", env={"SPARSEBERT_KILL_AT": "step:5", "SPARSEBERT_KILL_RANK": "1"}))
     assert rc != 0 and "SIGKILL" in err
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004" and not (run / "done.json").exists()
     one_process = cli["root"] / "killed-copy"
     shutil.copytree(run, one_process)
-    rc, out, err = finish(torchrun(["--resume", str(run)], "--nproc_per_node=2", f"--master_port={free_ports(1)[0]}"))
+    rc, out, err = finish(torchrun(["--resume", str(run)], "--nproc_per_node=2", f"--master_port={free_port()}"))
     assert rc == 0, err[-3000:]
     assert "resumed from" in out and (run / "done.json").is_file()
     assert_same_as_single(cli, run)
