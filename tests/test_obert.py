@@ -36,10 +36,11 @@ def reference_fisher(grads, rows, cols, block, grads_horizon, damp):
 
 @pytest.mark.parametrize("rows,cols,block", [(3, 10, 4), (2, 8, 8), (5, 7, 1), (4, 12, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_block_fisher_inverse_matches_the_dense_damped_matrix(rows, cols, block, dtype):
+@pytest.mark.parametrize("fold,n", [(1, 6), (4, 6), (8, 6), (3, 9)])  # held at the read, folded before, both
+def test_block_fisher_inverse_matches_the_dense_damped_matrix(rows, cols, block, dtype, fold, n):
     g = torch.Generator().manual_seed(rows * cols + block)
-    grads = [torch.randn(rows, cols, generator=g).to(dtype) for _ in range(6)]
-    fisher = BlockFisher(rows, cols, block=block, grads=3, damp=0.05)
+    grads = [torch.randn(rows, cols, generator=g).to(dtype) for _ in range(n)]
+    fisher = BlockFisher(rows, cols, block=block, grads=3, damp=0.05, fold=fold)
     for grad in grads:
         fisher.add(grad)
     want = torch.linalg.inv(reference_fisher(grads, rows, cols, block, 3, 0.05))
@@ -47,6 +48,25 @@ def test_block_fisher_inverse_matches_the_dense_damped_matrix(rows, cols, block,
     weight = torch.randn(rows, cols, generator=g)
     torch.testing.assert_close(fisher.saliency(weight).double(),
                                weight.double() ** 2 / (2 * want.diagonal(dim1=1, dim2=2)), rtol=2e-4, atol=0)
+
+
+def test_held_gradients_survive_a_state_round_trip_to_the_same_fisher():
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(4, 9, generator=g) for _ in range(11)]
+    whole, part = BlockFisher(4, 9, block=4, fold=4), BlockFisher(4, 9, block=4, fold=4)
+    for grad in grads:
+        whole.add(grad)
+    for grad in grads[:6]:
+        part.add(grad)
+    state = copy.deepcopy(part.state_dict())
+    assert state["held"].shape == (12, 2, 4)
+    resumed = BlockFisher(4, 9, block=4, fold=4)
+    resumed.load_state_dict(state)
+    for grad in grads[6:]:
+        resumed.add(grad)
+    assert torch.equal(resumed.inverse(), whole.inverse())
+    with pytest.raises(ValueError, match="2 held Fisher gradients .* do not fit .*fold=1"):
+        BlockFisher(4, 9, block=4, fold=1).load_state_dict(state)
 
 
 def test_before_any_gradient_the_ranking_is_magnitude():
@@ -180,7 +200,8 @@ def test_resuming_before_the_last_event_without_the_fisher_is_refused():
 
 @pytest.mark.parametrize("options,message", [
     ({"criterion_kwargs": {"blok": 8}}, "bad criterion_kwargs: .*'blok'"),
-    ({"criterion_kwargs": {"block": 0}}, "block and grads must be at least 1"),
+    ({"criterion_kwargs": {"block": 0}}, "block, grads and fold must be at least 1"),
+    ({"criterion_kwargs": {"fold": 0}}, "block, grads and fold must be at least 1"),
     ({"criterion_kwargs": {"damp": 0.0}}, "damp must be positive"),
 ])
 def test_bad_options_are_refused_when_the_method_is_built(options, message):

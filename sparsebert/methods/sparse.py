@@ -36,7 +36,7 @@ COMMON: dict[str, Any] = {
     "sparsity": 0.9,  # final sparsity of the pruned set
     "targets": None,  # regexes of the nn.Linear modules to prune; None: the encoder matrices (sparsebert.families)
     "criterion": "magnitude",  # CRITERIA: magnitude | movement | soft-movement | obert
-    "criterion_kwargs": {},  # obert: the Fisher's block, grads (moving-average horizon) and damp (sparsity/fisher.py)
+    "criterion_kwargs": {},  # obert: the Fisher's block, grads (moving-average horizon), damp and fold (sparsity/fisher.py)
     "pattern": "tensor",  # PATTERNS: global | tensor | row | nm | block | structured
     "pattern_kwargs": {},
     "schedule": "cubic",  # SCHEDULES: cubic | one-shot | sanh | lock | none
