@@ -328,3 +328,32 @@ def test_every_rank_needs_an_example_of_every_batch(monkeypatch):
         TD.check_tail(26, 8, 10, 4)
     TD.check_tail(26, 8, 3, 4)  # never reaches the last batch
 
+
+def test_the_job_ends_with_its_ddp_garbage_freed_before_the_group(monkeypatch):
+    """A DDP wrapper dropped in a reference cycle: left to a later collection, its reducer would destroy
+    the process group with the GIL held, which can deadlock gloo's teardown (docs/DISTRIBUTED.md).
+    TD.stop() collects before destroying the group."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    student = torch.nn.Linear(4, 2)  # held elsewhere, as a pruner holds the student's modules
+    wrapper = torch.nn.parallel.DistributedDataParallel(student)
+    wrapper(torch.randn(3, 4)).sum().backward()
+    trainer = {"model": wrapper}
+    trainer["callbacks"] = [trainer]  # a trainer and its callbacks: a cycle holding the wrapper
+    freed, alive_at_destroy = weakref.ref(wrapper), []
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (alive_at_destroy.append(freed() is not None), destroy()))
+    monkeypatch.setattr(TD, "_current", TD.Dist("ddp", 0, 2, 0, "gloo"))
+    gc.disable()
+    try:
+        del wrapper, trainer
+        assert freed() is not None  # only a collection frees it
+        TD.stop()
+    finally:
+        gc.enable()
+    assert alive_at_destroy == [False] and not dist.is_initialized()

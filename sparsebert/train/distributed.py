@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import inspect
 import logging
 import os
@@ -144,6 +145,7 @@ def start(run: dict) -> Dist:
 def stop() -> None:
     global _current
     if _current.active and dist.is_initialized():
+        gc.collect()  # a DDP reducer freed after the group would destroy it with the GIL held (docs/DISTRIBUTED.md)
         dist.destroy_process_group()
     _current = SINGLE
 
