@@ -7,8 +7,8 @@ over the optimizer steps with horizon `grads` (bias-corrected as Adam's moments 
 follows the weights as they are pruned and trained. It is damped by `damp` times its mean diagonal
 (relative, like SparseGPT's dampening, so that it does not depend on the scale of the loss).
 
-The blocks are 50 times the weight's size: updating them once per gradient is a memory-bound pass
-over them that cost more than the training step itself. Gradients are instead held, `fold` at a
+The blocks are `block` times the weight's size: updating them once per gradient is a memory-bound
+pass over them that cost about half a MiniLM training step. Gradients are instead held, `fold` at a
 time, and folded in with one batched matrix product (the same moving average, summed in another
 order), before anything reads the blocks.
 
@@ -114,7 +114,7 @@ class BlockFisher:
 
     def load_state_dict(self, state: dict) -> None:
         blocks = state["blocks"]
-        held = state.get("held", blocks.new_empty(blocks.shape[0], 0, blocks.shape[-1]))  # saved before folding
+        held = state.get("held", blocks.new_empty(blocks.shape[0], 0, blocks.shape[-1]))  # states written before gradients were held have none
         if tuple(blocks.shape) != tuple(self.blocks.shape):
             raise ValueError(f"Fisher blocks of shape {tuple(blocks.shape)} do not fit {tuple(self.blocks.shape)}")
         if held.shape[0] != self.held.shape[0] or held.shape[2] != self.held.shape[2] or held.shape[1] > self.held.shape[1]:
