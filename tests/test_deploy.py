@@ -63,7 +63,7 @@ def prunable(model):
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 def test_converted_model_matches_dense_and_round_trips(family, tmp_path):
     model = pruned(family)
-    deployed = deploy.convert(model, timing_tokens=())
+    deployed = deploy.convert(model, kernel="sparse")
     layers = prunable(deployed)
     assert len(layers) == 12 and all(isinstance(m, SparseLinear) for m in layers.values())
     torch.testing.assert_close(logits(deployed), logits(model), **TOL)
@@ -165,7 +165,7 @@ def test_compressed_size(sparsity, bound, tmp_path):
 
 
 def test_metadata_holds_version_hash_and_choices(tmp_path):
-    deployed = deploy.convert(pruned(), timing_tokens=())
+    deployed = deploy.convert(pruned(), kernel="sparse")
     deploy.save_pretrained(deployed, tmp_path)
     meta = deploy.read_metadata(tmp_path)
     assert meta["format"] == "sparsebert-deploy" and meta["format_version"] == "1"
@@ -212,7 +212,7 @@ def test_load_can_choose_kernels_again(tmp_path):
 
 def test_block_pruned_model_gets_four_row_blocks():
     model = pruned(pattern="block", block=(4, 1))
-    deployed = deploy.convert(model, timing_tokens=())
+    deployed = deploy.convert(model, kernel="sparse")
     assert {m.values.shape[1] for m in prunable(deployed).values()} == {4}
     torch.testing.assert_close(logits(deployed), logits(model), **TOL)
 
@@ -389,11 +389,11 @@ def test_cli_convert_and_bench_into_a_run_report(tmp_path, capsys):
     export_dense(pruned(), run / "model")
     (run / "done.json").write_text(json.dumps({"stage": "downstream"}))
     (run / "report.md").write_text("# a run\n\nresults\n")
-    assert cli.main(["convert", str(run), str(tmp_path / "out"), "--timing-tokens", "none"]) == 0
+    assert cli.main(["convert", str(run), str(tmp_path / "out"), "--kernel", "sparse"]) == 0
     out = capsys.readouterr().out
     assert "bert.encoder.layer.0.attention.self.query" in out and "% of dense float32" in out
     args = ["bench", str(run), "--tokens", "16,32", "--seq-len", "16", "--threads", "1", "--rounds", "2",
-            "--timing-tokens", "none"]
+            "--kernel", "sparse"]
     for _ in range(2):  # the second run replaces the section
         assert cli.main(args) == 0
     report = (run / "report.md").read_text()

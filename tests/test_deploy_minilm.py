@@ -28,7 +28,7 @@ def minilm(tmp_path_factory):
     model = BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
     Pruner(sparsify(model), "magnitude", "global", None).prune(0.9)
     out = tmp_path_factory.mktemp("deployed") / "minilm"
-    deploy.save_pretrained(deploy.convert(model, timing_tokens=()), out)
+    deploy.save_pretrained(deploy.convert(model, kernel="sparse"), out)
     return AutoTokenizer.from_pretrained(path), model, deploy.from_pretrained(out), out
 
 
